@@ -1,0 +1,1 @@
+"""dicomflow: DICOM archives to NIfTI with dcm2niix."""

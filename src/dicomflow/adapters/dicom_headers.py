@@ -1,0 +1,202 @@
+"""Series discovery from file headers, never pixels.
+
+DESIGN.md §9, measured on real scanner data: every grouping tag (SeriesInstanceUID, SeriesNumber,
+Modality, ImageType, SOPClassUID) lies in the first ~9 KB, and pydicom's `read_partial` over a 64 KiB
+prefix with `stop_when=<group > 0x0020>` grouped 11,390/11,390 files correctly and fastest. A prefix is
+not a full header (Siemens CSA headers exceed 300 KB) — it is used for grouping only, and read longer
+only when the grouping tags were not reached.
+
+Patient identifiers are read here for one purpose: to drop a SeriesDescription that contains them (it
+becomes part of output file names). They are never returned.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+
+from dicomflow.domain.failures import TransientError
+from dicomflow.domain.series import DicomHeader, FileRef, Ignored, IgnoredKind, ScanResult
+from dicomflow.ports import Source
+
+log = logging.getLogger(__name__)
+
+PREFIX_BYTES = 64 * 1024
+# Prefix sizes tried in turn when the grouping tags are not within the first one.
+PREFIX_STEPS = (PREFIX_BYTES, 1024 * 1024, 16 * 1024 * 1024)
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_GROUPING_GROUP_END = 0x0020
+
+
+class NeedMore(Exception):
+    """The prefix ended before the grouping tags; read a longer prefix."""
+
+
+def _looks_like_raw_dicom(data: bytes) -> bool:
+    """Files without the 128-byte preamble (old exports): they start with a group 0x0002/0x0008 tag in
+    little endian and a plausible VR or length."""
+    if len(data) < 8:
+        return False
+    group, _element = struct.unpack_from("<HH", data, 0)
+    return group in (0x0002, 0x0008)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+def _phi_tokens(ds: Dataset) -> list[str]:
+    tokens: list[str] = []
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs"):
+        raw = _text(ds, keyword)
+        for part in raw.replace("^", " ").replace("=", " ").split():
+            if len(part) >= 3:
+                tokens.append(part.lower())
+    return tokens
+
+
+def parse_header(data: bytes, *, complete: bool) -> ScanResult:
+    """Interpret the first bytes of a file. `complete` says whether `data` is the whole file (so a
+    parse that runs out of bytes means a truncated file rather than a short prefix).
+
+    Raises NeedMore when the prefix is too short to decide.
+    """
+    with warnings.catch_warnings():
+        # pydicom warns about odd but readable files; its warnings may quote tag values, which can be
+        # patient identifiers, and must not reach logs.
+        warnings.simplefilter("ignore")
+        return _parse_header(data, complete=complete)
+
+
+_PARSE_ERRORS = (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, OverflowError, TypeError)
+
+
+def _parse_header(data: bytes, *, complete: bool) -> ScanResult:
+    if not data:
+        return Ignored(IgnoredKind.EMPTY)
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    if not has_preamble and not _looks_like_raw_dicom(data):
+        detail = "shorter than a DICOM preamble" if not complete and len(data) < 132 else ""
+        return Ignored(IgnoredKind.NOT_DICOM, detail)
+
+    reached_end_of_grouping = False
+
+    def stop(tag: Any, _vr: Any, _length: Any) -> bool:
+        nonlocal reached_end_of_grouping
+        reached_end_of_grouping = bool(tag.group > _GROUPING_GROUP_END)
+        return reached_end_of_grouping
+
+    try:
+        ds = read_partial(io.BytesIO(data), stop_when=stop, defer_size=4096, force=not has_preamble)
+        # pydicom decodes deferred values lazily, so a corrupt value can also surface while extracting.
+        return _header_from(ds, need_more=not reached_end_of_grouping and not complete)
+    except _PARSE_ERRORS as exc:
+        if not complete:
+            raise NeedMore from exc
+        kind = IgnoredKind.TRUNCATED if isinstance(exc, EOFError | struct.error) else IgnoredKind.UNREADABLE
+        return Ignored(kind, type(exc).__name__)
+
+
+def _header_from(ds: Dataset, *, need_more: bool) -> ScanResult:
+    """The grouping fields of a parsed prefix. `need_more`: the prefix ended before group 0x0020 did."""
+    meta = getattr(ds, "file_meta", None)
+    sop_class = _text(ds, "SOPClassUID") or (_text(meta, "MediaStorageSOPClassUID") if meta else "")
+    if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        return Ignored(IgnoredKind.DICOMDIR)
+    series_uid = _text(ds, "SeriesInstanceUID")
+    sop_uid = _text(ds, "SOPInstanceUID") or (_text(meta, "MediaStorageSOPInstanceUID") if meta else "")
+    required = {"SeriesInstanceUID": series_uid, "SOPClassUID": sop_class, "SOPInstanceUID": sop_uid}
+    missing = [name for name, value in required.items() if not value]
+    if missing:
+        if need_more:
+            raise NeedMore
+        return Ignored(IgnoredKind.NO_SERIES, "missing " + ", ".join(missing))
+
+    description = _text(ds, "SeriesDescription") or _text(ds, "ProtocolName")
+    if any(token in description.lower() for token in _phi_tokens(ds)):
+        # Never let a patient identifier typed into the description reach an output file name.
+        description = ""
+    image_type_raw = ds.get("ImageType")
+    if image_type_raw is None:
+        image_type: tuple[str, ...] = ()
+    elif isinstance(image_type_raw, str):
+        image_type = (image_type_raw,)
+    else:
+        image_type = tuple(str(v) for v in image_type_raw)
+    return DicomHeader(
+        series_uid=series_uid,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_uid,
+        series_number=_series_number(ds.get("SeriesNumber")),
+        modality=_text(ds, "Modality"),
+        series_description=description,
+        image_type=image_type,
+    )
+
+
+def _series_number(raw: Any) -> int | None:
+    try:
+        return int(raw) if raw not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def scan_one(read_prefix: Callable[[int], bytes], size: int) -> ScanResult:
+    """Read as little of one file as needed to group it."""
+    if size == 0:
+        return Ignored(IgnoredKind.EMPTY)
+    for step in PREFIX_STEPS:
+        want = min(step, size)
+        try:
+            data = read_prefix(want)
+        except OSError as exc:
+            return Ignored(IgnoredKind.UNREADABLE, type(exc).__name__)
+        complete = len(data) >= size or len(data) < want
+        try:
+            return parse_header(data, complete=complete)
+        except NeedMore:
+            if complete:  # pragma: no cover - parse_header never asks for more of a complete file
+                break
+    return Ignored(IgnoredKind.UNREADABLE, "header longer than 16 MiB")
+
+
+def _scan_ref(source: Source, ref: FileRef) -> ScanResult:
+    try:
+        return scan_one(lambda n: source.read_prefix(ref, n), ref.size)
+    except TransientError:
+        raise  # a rate limit or outage: the whole scan task is retried
+    except Exception as exc:  # one unreadable file must not stop discovery of the others
+        log.debug("header scan failed: %s", type(exc).__name__)
+        return Ignored(IgnoredKind.UNREADABLE, type(exc).__name__)
+
+
+class SequentialScanner:
+    """Scans in the calling thread; parallelism comes from fanning chunks out over the queue's workers."""
+
+    def scan(self, source: Source, refs: Sequence[FileRef]) -> list[ScanResult]:
+        return [_scan_ref(source, ref) for ref in refs]
+
+
+class ThreadedScanner:
+    """Scans with a thread pool: for remote sources, where each read is a network round trip."""
+
+    def __init__(self, threads: int) -> None:
+        self._threads = max(1, threads)
+
+    def scan(self, source: Source, refs: Sequence[FileRef]) -> list[ScanResult]:
+        if len(refs) <= 1:
+            return [_scan_ref(source, ref) for ref in refs]
+        with ThreadPoolExecutor(max_workers=min(self._threads, len(refs))) as pool:
+            return list(pool.map(lambda ref: _scan_ref(source, ref), refs))

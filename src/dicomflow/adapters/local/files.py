@@ -1,0 +1,252 @@
+"""Local folders as a source of DICOM files and a destination for NIfTI outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from dicomflow.domain.failures import (
+    AccessDenied,
+    DestinationConflict,
+    DestinationNotWritable,
+    DiskFull,
+    SeriesChanged,
+    SourceNotFound,
+)
+from dicomflow.domain.locations import Location, LocationKind
+from dicomflow.domain.model import OutputFile
+from dicomflow.domain.paths import encode_component, join, safe_local_parts
+from dicomflow.domain.series import FileRef, Ignored, IgnoredKind
+from dicomflow.ports import Progress, SkippedFile
+
+STATE_DIR = ".dicomflow"
+LEDGER = "outputs.ledger"
+_CHUNK = 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _require_local(location: Location) -> Path:
+    if location.kind is not LocationKind.LOCAL:
+        raise ValueError(f"not a local location: {location}")
+    return Path(location.ref)
+
+
+class LocalFolderSource:
+    """Reads DICOM files from a local folder tree. File refs are absolute paths."""
+
+    def check(self, location: Location) -> str:
+        root = _require_local(location)
+        if not root.exists():
+            raise SourceNotFound(f"source folder {root} does not exist; check the path")
+        if not root.is_dir():
+            raise SourceNotFound(f"source {root} is a file, not a folder; give the folder that holds the series")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise AccessDenied(
+                f"cannot read source folder {root} (permission denied); fix its permissions or run as its owner"
+            )
+        return root.name
+
+    def list_files(self, location: Location) -> Iterator[FileRef | SkippedFile]:
+        root = _require_local(location)
+        stack: list[tuple[Path, str]] = [(root, "")]
+        while stack:
+            folder, rel = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except PermissionError:
+                yield SkippedFile(rel or ".", Ignored(IgnoredKind.UNREADABLE, "permission denied (folder)"))
+                continue
+            except FileNotFoundError:
+                continue  # removed while listing
+            for entry in entries:
+                child_rel = join(rel, encode_component(entry.name))
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name == STATE_DIR:
+                            continue  # our own state and ledger, when the destination is inside the source
+                        stack.append((Path(entry.path), child_rel))
+                    elif entry.is_file(follow_symlinks=True):
+                        size = entry.stat(follow_symlinks=True).st_size
+                        yield FileRef(ref=entry.path, path=child_rel, size=size)
+                except OSError as exc:
+                    yield SkippedFile(
+                        child_rel, Ignored(IgnoredKind.UNREADABLE, errno.errorcode.get(exc.errno or 0, ""))
+                    )
+
+    def read_prefix(self, ref: FileRef, size: int) -> bytes:
+        with open(ref.ref, "rb") as handle:  # noqa: PTH123 - hot path, Path() construction is measurable here
+            return handle.read(size)
+
+    def fetch(self, refs: Sequence[FileRef], dest_dir: Path, progress: Progress | None = None) -> list[Path]:
+        """Link the series' files into `dest_dir` (symlinks: no copy, no extra disk), so dcm2niix sees
+        only this series even when the source folder mixes many."""
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        paths: list[Path] = []
+        total = sum(r.size for r in refs)
+        done = 0
+        for index, ref in enumerate(refs):
+            source = Path(ref.ref)
+            try:
+                size = source.stat().st_size
+            except FileNotFoundError:
+                raise SeriesChanged(
+                    "a file of this series disappeared since it was discovered; it will be retried "
+                    "(if the folder was reorganised, submit it again)"
+                ) from None
+            except PermissionError:
+                raise AccessDenied(f"cannot read {source} (permission denied); fix its permissions") from None
+            if size != ref.size:
+                raise SeriesChanged(
+                    "a file of this series changed size since it was discovered (still being copied?); "
+                    "it will be retried"
+                )
+            link = dest_dir / f"{index:06d}.dcm"
+            link.symlink_to(source.resolve())
+            paths.append(link)
+            done += size
+            if progress:
+                progress(done, total)
+        return paths
+
+
+class LocalFolderSink:
+    """Writes outputs under a local folder, mirroring the source's relative folders.
+
+    Idempotent and safe: each file is written to a temporary name in the target folder and renamed into
+    place (a reader never sees half a file); publishing identical content again changes nothing; an
+    existing file is replaced only if the ledger (DEST/.dicomflow/outputs.ledger) shows dicomflow wrote
+    it for the same series. The ledger entry is appended *before* the rename, so a crash between the two
+    still leaves the file recognisably ours.
+    """
+
+    def check(self, location: Location) -> str:
+        root = _require_local(location)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise DestinationNotWritable(
+                f"cannot create destination folder {root} (permission denied); choose a folder you can write to"
+            ) from None
+        except FileExistsError:
+            raise DestinationNotWritable(f"destination {root} exists and is not a folder") from None
+        except OSError as exc:
+            raise DestinationNotWritable(f"cannot create destination folder {root}: {exc.strerror}") from None
+        if not root.is_dir():
+            raise DestinationNotWritable(f"destination {root} exists and is not a folder")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise DestinationNotWritable(
+                f"cannot write to destination folder {root} (permission denied); fix its permissions "
+                "or choose another folder"
+            )
+        return root.name
+
+    def publish(
+        self,
+        location: Location,
+        rel_dir: str,
+        files: Sequence[Path],
+        owner_key: str,
+        progress: Progress | None = None,
+    ) -> tuple[OutputFile, ...]:
+        root = _require_local(location)
+        parts = safe_local_parts(rel_dir)
+        target_dir = root.joinpath(*parts)
+        rel_prefix = "/".join(parts)
+        try:
+            target_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._write_error(exc, target_dir) from None
+        owned: set[str] | None = None  # read from the ledger only when a name is already taken
+        results: list[OutputFile] = []
+        total = sum(f.stat().st_size for f in files)
+        done = 0
+        for source in files:
+            name = f"{rel_prefix}/{source.name}" if rel_prefix else source.name
+            target = target_dir / source.name
+            digest = sha256_file(source)
+            size = source.stat().st_size
+            if target.exists():
+                if target.is_file() and sha256_file(target) == digest:
+                    results.append(OutputFile(name=name, size=size, sha256=digest, ref=str(target)))
+                    continue
+                if owned is None:
+                    owned = self._owned_names(root, owner_key)
+                if name not in owned:
+                    raise DestinationConflict(
+                        f"{target} already exists and was not written by dicomflow for this series; "
+                        "move it away or choose another destination (nothing was overwritten)"
+                    )
+            self._append_ledger(root, owner_key, name)
+            self._copy_into_place(source, target)
+            results.append(OutputFile(name=name, size=size, sha256=digest, ref=str(target)))
+            done += size
+            if progress:
+                progress(done, total)
+        return tuple(results)
+
+    @staticmethod
+    def _write_error(exc: OSError, where: Path) -> Exception:
+        if exc.errno == errno.ENOSPC:
+            return DiskFull(f"no space left on the device holding {where}; free some space (it will be retried)")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return DestinationNotWritable(f"cannot write to {where} ({exc.strerror}); fix its permissions")
+        return DestinationNotWritable(f"cannot write to {where}: {exc.strerror}")
+
+    def _copy_into_place(self, source: Path, target: Path) -> None:
+        temp = target.with_name(f".{target.name}.dicomflow-partial")
+        try:
+            with source.open("rb") as src, temp.open("wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+            temp.replace(target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise self._write_error(exc, target.parent) from None
+
+    @staticmethod
+    def _ledger_path(root: Path) -> Path:
+        return root / STATE_DIR / LEDGER
+
+    def _append_ledger(self, root: Path, owner_key: str, name: str) -> None:
+        path = self._ledger_path(root)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps({"key": owner_key, "name": name}, separators=(",", ":")) + "\n"
+            with path.open("a", encoding="utf-8") as ledger:
+                fcntl.flock(ledger, fcntl.LOCK_EX)
+                ledger.write(line)
+                ledger.flush()
+                os.fsync(ledger.fileno())
+        except OSError as exc:
+            raise self._write_error(exc, path.parent) from None
+
+    def _owned_names(self, root: Path, owner_key: str) -> set[str]:
+        path = self._ledger_path(root)
+        if not path.exists():
+            return set()
+        owned: set[str] = set()
+        with path.open(encoding="utf-8") as ledger:
+            for line in ledger:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line after a crash
+                if entry.get("key") == owner_key:
+                    owned.add(str(entry.get("name")))
+        return owned

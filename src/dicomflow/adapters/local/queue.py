@@ -1,0 +1,293 @@
+"""The local queue: Cloud Tasks' semantics on one machine.
+
+Tasks live in the SQLite state file (table `tasks`) until a handler acknowledges them, so a `kill -9`
+loses nothing: the next run finds them again. A pool of worker *processes* runs them (dcm2niix and header
+parsing use whole cores). Like Cloud Tasks: a 2xx answer deletes the task; anything else — including a
+worker process dying mid-task — schedules the next attempt after the queue's backoff, and after the last
+attempt the task is dropped (the convert handler has already handed the series to the dead-letter queue
+by then; see services/convert_series.py). Creating a task whose id exists is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import queue as queue_module
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicomflow.domain.retry import RetryPolicy
+from dicomflow.ports import Attempt, QueueName, Task
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL,
+    leased INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    last_status INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_due ON tasks (leased, not_before);
+"""
+
+
+class SqliteTaskQueue:
+    """The TaskQueue port, backed by a table in the local state file."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def enqueue(self, tasks: Sequence[Task]) -> None:
+        now = self._clock()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO tasks (task_id, queue, payload, not_before, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(t.task_id, t.queue.value, json.dumps(dict(t.payload)), now + t.delay_seconds, now) for t in tasks],
+            )
+
+    # --- used by the runner ----------------------------------------------------------------------------
+
+    def release_all_leases(self) -> int:
+        """At start-up: tasks leased by a previous run (which is gone) become deliverable again."""
+        with self._tx() as db:
+            return db.execute("UPDATE tasks SET leased = 0 WHERE leased = 1").rowcount
+
+    def lease_due(self, limit: int) -> list[LeasedTask]:
+        now = self._clock()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT task_id, queue, payload, retry_count FROM tasks WHERE leased = 0 AND not_before <= ? "
+                "ORDER BY not_before, created_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            db.executemany("UPDATE tasks SET leased = 1 WHERE task_id = ?", [(r[0],) for r in rows])
+        return [LeasedTask(r[0], QueueName(r[1]), json.loads(r[2]), int(r[3])) for r in rows]
+
+    def ack(self, task_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+
+    def retry(self, task_id: str, delay: float, status: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET leased = 0, retry_count = retry_count + 1, not_before = ?, last_status = ? "
+                "WHERE task_id = ?",
+                (self._clock() + delay, status, task_id),
+            )
+
+    def next_due(self) -> float | None:
+        row = self._conn().execute("SELECT MIN(not_before) FROM tasks WHERE leased = 0").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def pending(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedTask:
+    task_id: str
+    queue: QueueName
+    payload: dict[str, Any]
+    retry_count: int
+
+
+# --- worker processes ----------------------------------------------------------------------------------
+
+TaskRunner = Callable[[QueueName, dict[str, Any], Attempt], int]
+"""Runs one task in a worker process and returns the HTTP-like status (2xx = done)."""
+
+_worker_runner: TaskRunner | None = None
+
+
+def _init_worker(factory: Callable[[Any], TaskRunner], factory_arg: Any) -> None:
+    global _worker_runner  # noqa: PLW0603 - one runner per worker process, built once at process start
+    _worker_runner = factory(factory_arg)
+
+
+def _run_in_worker(queue: QueueName, payload: dict[str, Any], attempt: Attempt) -> int:
+    if _worker_runner is None:  # pragma: no cover - the initializer always runs first
+        raise RuntimeError("worker process not initialised")
+    return _worker_runner(queue, payload, attempt)
+
+
+@dataclass
+class RunStats:
+    delivered: int = 0
+    acked: int = 0
+    retried: int = 0
+    dropped: int = 0
+    worker_crashes: int = 0
+
+
+class LocalRunner:
+    """Delivers due tasks to a pool of worker processes until the queue is empty."""
+
+    def __init__(
+        self,
+        tasks: SqliteTaskQueue,
+        *,
+        workers: int,
+        policies: Mapping[QueueName, RetryPolicy],
+        runner_factory: Callable[[Any], TaskRunner],
+        factory_arg: Any,
+        on_idle_tick: Callable[[], None] | None = None,
+        on_crash: Callable[[], object] | None = None,
+        poll_seconds: float = 0.2,
+    ) -> None:
+        self._tasks = tasks
+        self._workers = max(1, workers)
+        self._policies = policies
+        self._factory = runner_factory
+        self._factory_arg = factory_arg
+        self._tick = on_idle_tick
+        self._on_crash = on_crash
+        self._poll = poll_seconds
+        self._stop = threading.Event()
+        self.stats = RunStats()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the parent may run threads (progress display), and forking those is unsafe.
+        return ProcessPoolExecutor(
+            max_workers=self._workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self._factory, self._factory_arg),
+        )
+
+    def run(self) -> RunStats:
+        self._tasks.release_all_leases()
+        pool = self._pool()
+        inflight: dict[Future[int], LeasedTask] = {}
+        try:
+            while not self._stop.is_set():
+                self._fill(pool, inflight)
+                if not inflight:
+                    due = self._tasks.next_due()
+                    if due is None:
+                        break  # nothing queued, nothing running: done
+                    time.sleep(min(max(due - time.time(), 0.01), self._poll))
+                else:
+                    done, _ = wait(inflight, timeout=self._poll, return_when=FIRST_COMPLETED)
+                    if self._collect(done, inflight):
+                        pool = self._replace_broken_pool(pool, inflight)
+                if self._tick:
+                    self._tick()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return self.stats
+
+    def _fill(self, pool: ProcessPoolExecutor, inflight: dict[Future[int], LeasedTask]) -> None:
+        free = self._workers - len(inflight)
+        if free <= 0:
+            return
+        for task in self._tasks.lease_due(free):
+            attempt = Attempt(retry_count=task.retry_count, task_id=task.task_id, queue=task.queue.value)
+            inflight[pool.submit(_run_in_worker, task.queue, task.payload, attempt)] = task
+            self.stats.delivered += 1
+
+    def _collect(self, done: set[Future[int]], inflight: dict[Future[int], LeasedTask]) -> bool:
+        """Settle finished tasks; True if the pool broke (a worker process died)."""
+        broken = False
+        for future in done:
+            task = inflight.pop(future)
+            try:
+                status = future.result()
+            except BrokenProcessPool:
+                broken = True
+                status = 599  # like a connection dropped by a crashed server: retried
+                self.stats.worker_crashes += 1
+            except Exception:
+                log.exception("task %s raised instead of answering", task.task_id)
+                status = 500
+            self._settle(task, status)
+        return broken
+
+    def _replace_broken_pool(
+        self, pool: ProcessPoolExecutor, inflight: dict[Future[int], LeasedTask]
+    ) -> ProcessPoolExecutor:
+        # Every task of a broken pool is lost with it: count each as a failed attempt.
+        for future, task in list(inflight.items()):
+            inflight.pop(future)
+            self.stats.worker_crashes += 1
+            self._settle(task, 599)
+        pool.shutdown(wait=True, cancel_futures=True)
+        if self._on_crash:
+            # No worker of the broken pool is alive: release the series they held.
+            self._on_crash()
+        return self._pool()
+
+    def _settle(self, task: LeasedTask, status: int) -> None:
+        if 200 <= status < 300:
+            self._tasks.ack(task.task_id)
+            self.stats.acked += 1
+            return
+        policy = self._policies[task.queue]
+        if policy.is_last_attempt(task.retry_count):
+            log.warning(
+                "task %s dropped after %d attempts (last status %d)",
+                task.task_id,
+                task.retry_count + 1,
+                status,
+            )
+            self._tasks.ack(task.task_id)
+            self.stats.dropped += 1
+            return
+        self._tasks.retry(task.task_id, policy.backoff(task.retry_count), status)
+        self.stats.retried += 1
+
+
+def drain(progress_queue: Any, handle: Callable[[Any], None]) -> None:
+    """Deliver every progress message currently queued by worker processes."""
+    while True:
+        try:
+            message = progress_queue.get_nowait()
+        except (queue_module.Empty, EOFError, OSError):
+            return
+        handle(message)

@@ -1,0 +1,380 @@
+"""SQLite behind the StateStore port: the embedded default, safe for several worker processes.
+
+WAL mode lets readers run while one writer commits; every read-modify-write runs inside
+`BEGIN IMMEDIATE`, which takes the write lock before reading, so two processes can never both apply a
+transition to the same item. Counters are `COUNT(*) ... GROUP BY state` over an index: derived from item
+states, they can never disagree with them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dicomflow.adapters import codec
+from dicomflow.domain.failures import Conflict, NotFound
+from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState
+from dicomflow.domain.series import ScanResult
+from dicomflow.ports import (
+    BatchChange,
+    ExpansionChunk,
+    IdempotencyRecord,
+    ItemChange,
+    PendingFolder,
+    WatchChannel,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_created ON batches (created_at);
+CREATE TABLE IF NOT EXISTS items (
+    batch_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    dest_key TEXT NOT NULL,
+    lease_until REAL,
+    updated_at REAL NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (batch_id, item_id)
+);
+CREATE INDEX IF NOT EXISTS items_state ON items (batch_id, state);
+CREATE INDEX IF NOT EXISTS items_fingerprint ON items (dest_key, fingerprint, state);
+CREATE INDEX IF NOT EXISTS items_stale ON items (state, lease_until, updated_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_hash TEXT PRIMARY KEY,
+    request_hash TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    batch_id TEXT NOT NULL,
+    chunk_no INTEGER NOT NULL,
+    scanned INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (batch_id, chunk_no)
+);
+CREATE TABLE IF NOT EXISTS channels (
+    channel_id TEXT PRIMARY KEY,
+    active INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_folders (
+    folder_id TEXT PRIMARY KEY,
+    last_change_at REAL NOT NULL,
+    submitted INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+"""
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+class SqliteStateStore:
+    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
+        self.path = path
+        self._clock = clock
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
+
+    # --- connection handling ------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        db = self._conn()
+        db.row_factory = sqlite3.Row
+        return list(db.execute(sql, params))
+
+    # --- batches ---------------------------------------------------------------------------------------
+
+    def create_batch(self, batch: Batch, idempotency: IdempotencyRecord | None = None) -> tuple[Batch, bool]:
+        with self._tx() as db:
+            if idempotency is not None:
+                row = db.execute(
+                    "SELECT request_hash, batch_id, expires_at FROM idempotency WHERE key_hash = ?",
+                    (idempotency.key_hash,),
+                ).fetchone()
+                if row is not None and row[2] > self._clock():
+                    if row[0] != idempotency.request_hash:
+                        raise Conflict("this Idempotency-Key was already used for a different request; use a new key")
+                    existing = db.execute("SELECT data FROM batches WHERE batch_id = ?", (row[1],)).fetchone()
+                    if existing is not None:
+                        return codec.batch_from_dict(json.loads(existing[0])), False
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
+                    (idempotency.key_hash, idempotency.request_hash, batch.batch_id, idempotency.expires_at),
+                )
+            db.execute(
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
+                (batch.batch_id, batch.status.value, batch.created_at, batch.updated_at,
+                 _dumps(codec.batch_to_dict(batch))),
+            )  # fmt: skip
+        return batch, True
+
+    def _load_batch(self, db: sqlite3.Connection, batch_id: str) -> Batch:
+        row = db.execute("SELECT data FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        return codec.batch_from_dict(json.loads(row[0]))
+
+    def get_batch(self, batch_id: str) -> Batch:
+        rows = self._read("SELECT data FROM batches WHERE batch_id = ?", (batch_id,))
+        if not rows:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        return codec.batch_from_dict(json.loads(rows[0]["data"]), self.counters(batch_id))
+
+    def list_batches(self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None) -> list[Batch]:
+        if statuses:
+            marks = ",".join("?" * len(statuses))
+            rows = self._read(
+                f"SELECT batch_id, data FROM batches WHERE status IN ({marks}) ORDER BY created_at DESC LIMIT ?",  # noqa: S608
+                (*[s.value for s in statuses], limit),
+            )
+        else:
+            rows = self._read("SELECT batch_id, data FROM batches ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [codec.batch_from_dict(json.loads(r["data"]), self.counters(r["batch_id"])) for r in rows]
+
+    def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]:
+        with self._tx() as db:
+            current = self._load_batch(db, batch_id)
+            updated = change(current)
+            if updated is None:
+                return current, False
+            db.execute(
+                "UPDATE batches SET status = ?, updated_at = ?, data = ? WHERE batch_id = ?",
+                (updated.status.value, updated.updated_at, _dumps(codec.batch_to_dict(updated)), batch_id),
+            )
+        return updated, True
+
+    def counters(self, batch_id: str) -> Counters:
+        rows = self._read("SELECT state, COUNT(*) AS n FROM items WHERE batch_id = ? GROUP BY state", (batch_id,))
+        return Counters.from_states({ItemState(r["state"]): int(r["n"]) for r in rows})
+
+    # --- items -----------------------------------------------------------------------------------------
+
+    def add_items(self, items: Sequence[Item]) -> int:
+        created = 0
+        with self._tx() as db:
+            for item in items:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (item.batch_id, item.item_id, item.state.value, item.fingerprint, item.dest_key,
+                     item.lease_until, item.updated_at, _dumps(codec.item_to_dict(item))),
+                )  # fmt: skip
+                created += cursor.rowcount
+        return created
+
+    def get_item(self, batch_id: str, item_id: str) -> Item:
+        rows = self._read("SELECT data FROM items WHERE batch_id = ? AND item_id = ?", (batch_id, item_id))
+        if not rows:
+            raise NotFound(f"no series {item_id!r} in batch {batch_id!r}")
+        return codec.item_from_dict(json.loads(rows[0]["data"]))
+
+    def update_item(self, batch_id: str, item_id: str, change: ItemChange) -> tuple[Item, bool]:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT data FROM items WHERE batch_id = ? AND item_id = ?", (batch_id, item_id)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no series {item_id!r} in batch {batch_id!r}")
+            current = codec.item_from_dict(json.loads(row[0]))
+            updated = change(current)
+            if updated is None:
+                return current, False
+            db.execute(
+                "UPDATE items SET state = ?, lease_until = ?, updated_at = ?, data = ? "
+                "WHERE batch_id = ? AND item_id = ?",
+                (updated.state.value, updated.lease_until, updated.updated_at,
+                 _dumps(codec.item_to_dict(updated)), batch_id, item_id),
+            )  # fmt: skip
+        return updated, True
+
+    def list_items(
+        self, batch_id: str, states: frozenset[ItemState] | None = None, after: str = "", limit: int = 100
+    ) -> list[Item]:
+        params: list[Any] = [batch_id, after]
+        where = "batch_id = ? AND item_id > ?"
+        if states:
+            where += f" AND state IN ({','.join('?' * len(states))})"
+            params.extend(s.value for s in sorted(states))
+        params.append(limit)
+        rows = self._read(f"SELECT data FROM items WHERE {where} ORDER BY item_id LIMIT ?", params)  # noqa: S608
+        return [codec.item_from_dict(json.loads(r["data"])) for r in rows]
+
+    def find_stale(self, now: float, retrying_older_than: float, limit: int = 500) -> list[Item]:
+        rows = self._read(
+            "SELECT data FROM items WHERE (state = 'running' AND lease_until < ?) "
+            "OR (state = 'retrying' AND updated_at < ?) ORDER BY updated_at LIMIT ?",
+            (now, retrying_older_than, limit),
+        )
+        return [codec.item_from_dict(json.loads(r["data"])) for r in rows]
+
+    def succeeded_fingerprints(self, dest_key: str, fingerprints: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        unique = sorted(set(fingerprints))
+        for start in range(0, len(unique), 500):
+            part = unique[start : start + 500]
+            rows = self._read(
+                f"SELECT DISTINCT fingerprint FROM items WHERE dest_key = ? AND state = 'succeeded' "  # noqa: S608
+                f"AND fingerprint IN ({','.join('?' * len(part))})",
+                (dest_key, *part),
+            )
+            found.update(r["fingerprint"] for r in rows)
+        return found
+
+    # --- expansion scratch ---------------------------------------------------------------------------
+
+    def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None:
+        with self._tx() as db:
+            for chunk in chunks:
+                db.execute(
+                    "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)",
+                    (chunk.batch_id, chunk.chunk_no, int(chunk.results is not None),
+                     _dumps(codec.chunk_to_dict(chunk))),
+                )  # fmt: skip
+
+    def get_chunk(self, batch_id: str, chunk_no: int) -> ExpansionChunk:
+        rows = self._read("SELECT data FROM chunks WHERE batch_id = ? AND chunk_no = ?", (batch_id, chunk_no))
+        if not rows:
+            raise NotFound(f"no expansion chunk {chunk_no} for batch {batch_id!r}")
+        return codec.chunk_from_dict(json.loads(rows[0]["data"]))
+
+    def put_chunk_results(self, batch_id: str, chunk_no: int, results: Sequence[ScanResult]) -> None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT data FROM chunks WHERE batch_id = ? AND chunk_no = ?", (batch_id, chunk_no)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no expansion chunk {chunk_no} for batch {batch_id!r}")
+            data = json.loads(row[0])
+            data["results"] = [codec.scan_to_dict(r) for r in results]
+            data["scanned"] = True
+            db.execute(
+                "UPDATE chunks SET scanned = 1, data = ? WHERE batch_id = ? AND chunk_no = ?",
+                (_dumps(data), batch_id, chunk_no),
+            )
+
+    def list_chunks(self, batch_id: str) -> list[ExpansionChunk]:
+        rows = self._read("SELECT data FROM chunks WHERE batch_id = ? ORDER BY chunk_no", (batch_id,))
+        return [codec.chunk_from_dict(json.loads(r["data"])) for r in rows]
+
+    def count_unscanned_chunks(self, batch_id: str) -> int:
+        rows = self._read("SELECT COUNT(*) AS n FROM chunks WHERE batch_id = ? AND scanned = 0", (batch_id,))
+        return int(rows[0]["n"])
+
+    def delete_chunks(self, batch_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM chunks WHERE batch_id = ?", (batch_id,))
+
+    # --- Drive watch channels ----------------------------------------------------------------------------
+
+    def put_channel(self, channel: WatchChannel) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO channels VALUES (?, ?, ?)",
+                (channel.channel_id, int(channel.active), _dumps(codec.channel_to_dict(channel))),
+            )
+
+    def get_channel(self, channel_id: str) -> WatchChannel | None:
+        rows = self._read("SELECT data FROM channels WHERE channel_id = ?", (channel_id,))
+        return codec.channel_from_dict(json.loads(rows[0]["data"])) if rows else None
+
+    def list_channels(self, active_only: bool = True) -> list[WatchChannel]:
+        rows = self._read("SELECT data FROM channels WHERE active >= ?", (1 if active_only else 0,))
+        return [codec.channel_from_dict(json.loads(r["data"])) for r in rows]
+
+    def update_channel(
+        self, channel_id: str, change: Callable[[WatchChannel], WatchChannel | None]
+    ) -> tuple[WatchChannel, bool]:
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no watch channel {channel_id!r}")
+            current = codec.channel_from_dict(json.loads(row[0]))
+            updated = change(current)
+            if updated is None:
+                return current, False
+            db.execute(
+                "UPDATE channels SET active = ?, data = ? WHERE channel_id = ?",
+                (int(updated.active), _dumps(codec.channel_to_dict(updated)), channel_id),
+            )
+        return updated, True
+
+    def touch_pending_folder(self, folder_id: str, watch_folder_id: str, now: float) -> PendingFolder:
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM pending_folders WHERE folder_id = ?", (folder_id,)).fetchone()
+            if row is None or json.loads(row[0]).get("submitted_batch_id"):
+                folder = PendingFolder(folder_id, watch_folder_id, first_change_at=now, last_change_at=now)
+            else:
+                old = codec.pending_from_dict(json.loads(row[0]))
+                folder = PendingFolder(folder_id, watch_folder_id, old.first_change_at, max(old.last_change_at, now))
+            db.execute(
+                "INSERT OR REPLACE INTO pending_folders VALUES (?, ?, 0, ?)",
+                (folder_id, folder.last_change_at, _dumps(codec.pending_to_dict(folder))),
+            )
+        return folder
+
+    def list_pending_folders(self, quiet_since: float) -> list[PendingFolder]:
+        rows = self._read(
+            "SELECT data FROM pending_folders WHERE submitted = 0 AND last_change_at <= ? ORDER BY last_change_at",
+            (quiet_since,),
+        )
+        return [codec.pending_from_dict(json.loads(r["data"])) for r in rows]
+
+    def mark_folder_submitted(self, folder_id: str, last_change_at: float, batch_id: str) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM pending_folders WHERE folder_id = ?", (folder_id,)).fetchone()
+            if row is None:
+                return False
+            folder = codec.pending_from_dict(json.loads(row[0]))
+            if folder.submitted_batch_id or folder.last_change_at > last_change_at:
+                return False
+            done = PendingFolder(folder_id, folder.watch_folder_id, folder.first_change_at,
+                                 folder.last_change_at, submitted_batch_id=batch_id)  # fmt: skip
+            db.execute(
+                "UPDATE pending_folders SET submitted = 1, data = ? WHERE folder_id = ?",
+                (_dumps(codec.pending_to_dict(done)), folder_id),
+            )
+        return True

@@ -1,0 +1,142 @@
+"""The composition root: the only place where adapters are chosen and wired.
+
+`build(settings, **overrides)` returns the Context every use case takes. Nothing is built at import
+time; cloud client libraries are imported only when the cloud mode or a Drive location needs them (they
+cost seconds of start-up that local runs should not pay). Tests pass overrides (a fake converter, a
+clock) instead of patching.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicomflow import logs
+from dicomflow.adapters.dcm2niix import Dcm2niixConverter
+from dicomflow.adapters.dicom_headers import SequentialScanner, ThreadedScanner
+from dicomflow.adapters.local.files import LocalFolderSink, LocalFolderSource
+from dicomflow.adapters.local.queue import SqliteTaskQueue, TaskRunner
+from dicomflow.adapters.local.sqlite_store import SqliteStateStore
+from dicomflow.config import Mode, Settings
+from dicomflow.domain.failures import ConfigError
+from dicomflow.domain.locations import LocationKind
+from dicomflow.ports import Attempt, Converter, HeaderScanner, QueueName, Sink, Source, StateStore, TaskQueue
+from dicomflow.services.context import Context, StepProgress
+from dicomflow.services.tasks import handle_task
+
+# Expansion chunks scanned at once in the cloud: each is a task on the expand queue.
+CLOUD_SCAN_PARALLELISM = 32
+DRIVE_SCAN_THREADS = 16
+
+
+def build(
+    settings: Settings,
+    *,
+    store: StateStore | None = None,
+    queue: TaskQueue | None = None,
+    converter: Converter | None = None,
+    sources: dict[LocationKind, Callable[[], Source]] | None = None,
+    sinks: dict[LocationKind, Callable[[], Sink]] | None = None,
+    scanners: dict[LocationKind, HeaderScanner] | None = None,
+    clock: Callable[[], float] | None = None,
+    progress: StepProgress | None = None,
+    work_dir: Path | None = None,
+) -> Context:
+    clock = clock or time.time
+    if settings.mode is Mode.LOCAL:
+        if not settings.state_path and (store is None or queue is None):
+            raise ConfigError("local mode needs a state file: set DICOMFLOW_STATE_PATH or pass --state")
+        path = Path(settings.state_path).expanduser()
+        store = store or SqliteStateStore(path, clock)
+        queue = queue or SqliteTaskQueue(path, clock)
+        parallelism = settings.worker_count
+    else:
+        store = store or _firestore_store(settings, clock)
+        queue = queue or _cloud_tasks_queue(settings)
+        parallelism = CLOUD_SCAN_PARALLELISM
+    ctx = Context(
+        settings=settings,
+        store=store,
+        queue=queue,
+        converter=converter or Dcm2niixConverter(settings.convert_timeout_seconds),
+        sources=sources
+        or {LocationKind.LOCAL: LocalFolderSource, LocationKind.DRIVE: lambda: _drive(settings).source()},
+        sinks=sinks or {LocationKind.LOCAL: LocalFolderSink, LocationKind.DRIVE: lambda: _drive(settings).sink()},
+        scanners=scanners
+        or {LocationKind.LOCAL: SequentialScanner(), LocationKind.DRIVE: ThreadedScanner(DRIVE_SCAN_THREADS)},
+        work_dir=work_dir or Path(settings.work_dir or tempfile.gettempdir()) / "dicomflow-work",
+        clock=clock,
+        scan_parallelism=parallelism,
+    )
+    if progress is not None:
+        ctx.progress = progress
+    return ctx
+
+
+def _firestore_store(settings: Settings, clock: Callable[[], float]) -> StateStore:
+    from dicomflow.adapters.firestore_store import FirestoreStateStore
+
+    return FirestoreStateStore.connect(settings.project, settings.firestore_database, clock)
+
+
+def _cloud_tasks_queue(settings: Settings) -> TaskQueue:
+    from dicomflow.adapters.cloud_tasks import CloudTasksQueue
+
+    return CloudTasksQueue.from_settings(settings)
+
+
+_DRIVE_CACHE: dict[int, Any] = {}
+
+
+def _drive(settings: Settings) -> Any:
+    """One Drive connection per settings object (per process), built on first use."""
+    from dicomflow.adapters.drive.connection import DriveConnection
+
+    key = id(settings)
+    if key not in _DRIVE_CACHE:
+        _DRIVE_CACHE[key] = DriveConnection.from_settings(settings)
+    return _DRIVE_CACHE[key]
+
+
+# --- local worker processes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalWorkerSpec:
+    """Everything a spawned worker process needs to build its own Context (it shares no objects)."""
+
+    settings: Settings
+    progress_queue: Any = None
+    log_file: str = ""
+
+
+def local_task_runner(spec: LocalWorkerSpec) -> TaskRunner:
+    """Called once in each local worker process (ProcessPoolExecutor initializer)."""
+    logs.configure(spec.settings, file=Path(spec.log_file) if spec.log_file else None)
+    ctx = build(spec.settings, progress=_progress_forwarder(spec.progress_queue))
+
+    def run(queue: QueueName, payload: dict[str, Any], attempt: Attempt) -> int:
+        return handle_task(ctx, queue, payload, attempt).status
+
+    return run
+
+
+def _progress_forwarder(target: Any) -> StepProgress | None:
+    """Sends step progress to the parent process, at most every 0.2 s per series (plus phase changes)."""
+    if target is None:
+        return None
+    last: dict[str, tuple[str, float]] = {}
+
+    def forward(batch_id: str, item_id: str, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        previous = last.get(item_id)
+        if previous and previous[0] == phase and now - previous[1] < 0.2 and done < total:
+            return
+        last[item_id] = (phase, now)
+        target.put((batch_id, item_id, phase, done, total))
+
+    return forward

@@ -1,0 +1,366 @@
+"""The `dicomflow` command.
+
+Exit codes: 0 = every series converted (or already up to date); 2 = at least one series was
+dead-lettered (see `dicomflow dlq list`); 1 = usage or configuration error, or nothing could be done;
+130 = interrupted (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from dicomflow.config import Mode, Settings, describe, load_settings
+from dicomflow.domain.failures import DicomflowError
+from dicomflow.domain.locations import Location, parse_location
+from dicomflow.domain.model import BatchStatus
+from dicomflow.domain.series import ConversionOptions
+from dicomflow.services.dead_letter import retry_dead_letters
+from dicomflow.services.submit import BatchRequest
+from dicomflow.ui import RunDisplay, print_json, print_summary, summary_dict
+
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_DEAD_LETTERS = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(click.ClickException):
+    exit_code = EXIT_USAGE
+
+
+def fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except DicomflowError as exc:
+        fail(exc.reason)
+
+
+def _location(text: str, field: str) -> Location:
+    try:
+        if "://" in text:
+            return parse_location(text, field=field)
+        return parse_location(text, field=field, absolute_path=str(Path(text).expanduser().resolve()))
+    except DicomflowError as exc:
+        fail(f"{field}: {exc.reason}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dicomflow")
+def main() -> None:
+    """Convert DICOM series to NIfTI (.nii.gz + BIDS JSON) with dcm2niix.
+
+    Sources and destinations are local folders or Google Drive folders (drive://FOLDER_ID).
+    Settings can also be given as environment variables DICOMFLOW_<NAME>.
+    """
+
+
+# --- convert -------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("source")
+@click.argument("destination")
+@click.option("--workers", type=int, help=describe("workers"))
+@click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+@click.option(
+    "--force", is_flag=True, help="Convert every series again, even those already converted into DESTINATION."
+)
+@click.option("--label", default="", help="A name for this batch, shown by `dicomflow status`.")
+@click.option("--no-compress", is_flag=True, help="Write .nii instead of .nii.gz (dcm2niix -z n).")
+@click.option(
+    "--merge-2d",
+    type=click.Choice(ConversionOptions.MERGE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Merge 2D slices from the same series regardless of echo, exposure, etc. (dcm2niix -m).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (for scripts).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output; only the summary.")
+def convert(
+    source: str,
+    destination: str,
+    workers: int | None,
+    state_path: str | None,
+    force: bool,
+    label: str,
+    no_compress: bool,
+    merge_2d: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Convert every DICOM series under SOURCE into NIfTI under DESTINATION, on this machine.
+
+    The output tree mirrors SOURCE's folders. Series already converted into DESTINATION with the same
+    files, converter and options are skipped (use --force to redo them). An interrupted run resumes
+    where it stopped when the same command is run again. The progress state is kept in
+    DESTINATION/.dicomflow/ (or --state).
+    """
+    from dicomflow import local_runtime
+
+    src = _location(source, "source")
+    dst = _location(destination, "destination")
+    state = state_path or load_settings().state_path or str(local_runtime.default_state_path(dst))
+    settings = _settings(mode=Mode.LOCAL, workers=workers, state_path=state)
+    request = BatchRequest(
+        sources=(src,),
+        destination=dst,
+        options=ConversionOptions(compress=not no_compress, merge_2d=merge_2d),
+        label=label,
+        force=force,
+    )
+    sys.exit(_run_local(settings, lambda session: local_runtime.start_or_resume(session, request), as_json, quiet))
+
+
+def _run_local(
+    settings: Settings,
+    start: Callable[[Any], tuple[Any, bool]],
+    as_json: bool,
+    quiet: bool,
+) -> int:
+    from dicomflow import local_runtime
+
+    started = time.monotonic()
+    display = RunDisplay(quiet=quiet or as_json)
+    try:
+        with local_runtime.open_session(settings) as session:
+            ctx = session.ctx
+            batch, resumed = start(session)
+            if resumed:
+                display.note(
+                    f"resuming batch {batch.batch_id} ({batch.counters.finished}/{batch.counters.series_total} done)"
+                )
+            else:
+                display.note(f"batch {batch.batch_id}: looking for DICOM series with {settings.worker_count} worker(s)")
+
+            labelled = False
+
+            def tick() -> None:
+                nonlocal labelled
+                current = ctx.store.get_batch(batch.batch_id)
+                if current.expanded_at is not None and not labelled:
+                    display.set_labels(ctx.store.list_items(batch.batch_id, limit=100_000))
+                    labelled = True
+                display.counters(current, current.counters)
+
+            with display:
+                local_runtime.run_queue(session, display.step, tick)
+            final = ctx.store.get_batch(batch.batch_id)
+            failures = local_runtime.dead_letters(ctx, batch.batch_id)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: nothing is lost; run the same command again to resume", err=True)
+        return EXIT_INTERRUPTED
+    except DicomflowError as exc:
+        fail(exc.reason)
+
+    elapsed = time.monotonic() - started
+    if as_json:
+        print_json(sys.stdout, summary_dict(final, failures) | {"elapsed_seconds": round(elapsed, 3)})
+    else:
+        print_summary(sys.stdout, final, failures, elapsed)
+    return _exit_code(final)
+
+
+def _exit_code(batch: Any) -> int:
+    if batch.status is BatchStatus.FAILED:
+        return EXIT_USAGE
+    if batch.counters.dead_lettered:
+        return EXIT_DEAD_LETTERS
+    if not batch.is_final:
+        return EXIT_INTERRUPTED
+    if batch.counters.series_total == 0:
+        click.echo(
+            "no DICOM series found in the source"
+            + (f" ({batch.files_ignored} file(s) skipped as not DICOM)" if batch.files_ignored else ""),
+            err=True,
+        )
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+# --- status and dead letters ----------------------------------------------------------------------------
+
+
+def _local_session_settings(state_path: str | None) -> Settings:
+    from dicomflow import local_runtime
+
+    explicit = state_path or load_settings().state_path
+    path = Path(explicit).expanduser() if explicit else local_runtime.remembered_state()
+    if path is None or not path.exists():
+        fail(
+            "no local dicomflow state found: run `dicomflow convert` first, or pass --state FILE "
+            "(DESTINATION/.dicomflow/state.sqlite)"
+        )
+    return _settings(mode=Mode.LOCAL, state_path=str(path))
+
+
+def _read_context(settings: Settings) -> Any:
+    from dicomflow import bootstrap, logs
+
+    logs.configure(settings, stream=sys.stderr)
+    return bootstrap.build(settings)
+
+
+@main.command()
+@click.argument("batch_id", required=False)
+@click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until the batch finishes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def status(batch_id: str | None, state_path: str | None, watch: bool, as_json: bool) -> None:
+    """Show the latest batches, or one batch with its counters and failures."""
+    ctx = _read_context(_local_session_settings(state_path))
+    try:
+        if batch_id is None:
+            batches = ctx.store.list_batches(limit=10)
+            if as_json:
+                print_json(sys.stdout, [summary_dict(b, []) for b in batches])
+            else:
+                _print_batches(batches)
+            return
+        while True:
+            batch = ctx.store.get_batch(batch_id)
+            failures = ctx.store.list_items(batch_id, frozenset({_dead()}), limit=200)
+            if not watch or batch.is_final:
+                break
+            click.echo(
+                f"{time.strftime('%H:%M:%S')} {batch.status.value}: {batch.counters.finished}/"
+                f"{batch.counters.series_total} finished, {batch.counters.dead_lettered} dead-lettered",
+                err=True,
+            )
+            time.sleep(2)
+    except DicomflowError as exc:
+        fail(exc.reason)
+    if as_json:
+        print_json(sys.stdout, summary_dict(batch, failures))
+    else:
+        print_summary(sys.stdout, batch, failures)
+    sys.exit(_exit_code(batch) if batch.is_final else EXIT_OK)
+
+
+def _dead() -> Any:
+    from dicomflow.domain.model import ItemState
+
+    return ItemState.DEAD_LETTERED
+
+
+def _print_batches(batches: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(header_style="bold")
+    for column in ("batch", "created", "status", "series", "ok", "skipped", "dead", "label"):
+        table.add_column(column)
+    for b in batches:
+        c = b.counters
+        table.add_row(
+            b.batch_id, time.strftime("%Y-%m-%d %H:%M", time.localtime(b.created_at)), b.status.value,
+            str(c.series_total), str(c.succeeded), str(c.skipped), str(c.dead_lettered), b.label,
+        )  # fmt: skip
+    Console(highlight=False).print(table if batches else "no batches yet")
+
+
+@main.group()
+def dlq() -> None:
+    """Dead-lettered series: list them with their reasons, and retry them after fixing the cause."""
+
+
+@dlq.command("list")
+@click.argument("batch_id", required=False)
+@click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def dlq_list(batch_id: str | None, state_path: str | None, as_json: bool) -> None:
+    """List dead-lettered series of one batch (or of the latest batches) with their reasons."""
+    ctx = _read_context(_local_session_settings(state_path))
+    try:
+        batches = [ctx.store.get_batch(batch_id)] if batch_id else ctx.store.list_batches(limit=20)
+    except DicomflowError as exc:
+        fail(exc.reason)
+    rows = []
+    for batch in batches:
+        for item in ctx.store.list_items(batch.batch_id, frozenset({_dead()}), limit=1000):
+            rows.append((batch, item))
+    if as_json:
+        print_json(sys.stdout, [summary_dict(b, [i])["dead_letters"][0] | {"batch_id": b.batch_id} for b, i in rows])
+        return
+    if not rows:
+        click.echo("no dead-lettered series")
+        return
+    for batch, item in rows:
+        reason = item.failure.reason if item.failure else ""
+        number = "" if item.series_number is None else item.series_number
+        click.echo(f"{batch.batch_id}  {item.item_id[:12]}  series {number} {item.description}: {reason}")
+
+
+@dlq.command("retry")
+@click.argument("batch_id")
+@click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+@click.option("--workers", type=int, help=describe("workers"))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output; only the summary.")
+def dlq_retry(batch_id: str, state_path: str | None, workers: int | None, as_json: bool, quiet: bool) -> None:
+    """Re-enqueue the dead-lettered series of BATCH_ID with a fresh attempt budget and convert them."""
+    base = _local_session_settings(state_path)
+    settings = _settings(mode=Mode.LOCAL, state_path=base.state_path, workers=workers)
+
+    def start(session: Any) -> tuple[Any, bool]:
+        count = retry_dead_letters(session.ctx, batch_id)
+        if count == 0:
+            fail(f"batch {batch_id} has no dead-lettered series")
+        click.echo(f"re-enqueued {count} series", err=True)
+        return session.ctx.store.get_batch(batch_id), False
+
+    sys.exit(_run_local(settings, start, as_json, quiet))
+
+
+# --- demo --------------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
+    show_default=True, help="Where to write the sample DICOM archive (dicom/) and its conversion (nifti/).",
+)  # fmt: skip
+@click.option("--workers", type=int, help=describe("workers"))
+def demo(directory: Path, workers: int | None) -> None:
+    """Generate a small realistic DICOM archive and convert it, end to end, on this machine.
+
+    The archive holds nested and flat (PACS-export) layouts, 3D/4D/diffusion MR and CT series, one
+    series with a corrupt file and some non-DICOM files. The run must convert every good series and
+    dead-letter the corrupt one with its reason; the command checks that and exits 0 if so.
+    """
+    from dicomflow import samples
+    from dicomflow.demo import check_demo_result
+
+    dicom, nifti = directory / "dicom", directory / "nifti"
+    if dicom.exists() or nifti.exists():
+        import shutil
+
+        shutil.rmtree(dicom, ignore_errors=True)
+        shutil.rmtree(nifti, ignore_errors=True)
+    archive = samples.make_demo_archive(dicom)
+    click.echo(f"sample archive written to {dicom}", err=True)
+    src, dst = _location(str(dicom), "source"), _location(str(nifti), "destination")
+    from dicomflow import local_runtime
+
+    settings = _settings(mode=Mode.LOCAL, workers=workers, state_path=str(local_runtime.default_state_path(dst)))
+    request = BatchRequest(sources=(src,), destination=dst)
+    code = _run_local(settings, lambda s: local_runtime.start_or_resume(s, request), False, False)
+    with local_runtime.open_session(settings) as session:
+        batch = session.ctx.store.list_batches(limit=1)[0]
+    problems = check_demo_result(archive, nifti, batch)
+    if problems:
+        for problem in problems:
+            click.echo(f"demo check failed: {problem}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(
+        f"demo OK (dicomflow exit code {code}: the corrupt series was dead-lettered as expected); outputs in {nifti}"
+    )

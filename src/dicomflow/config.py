@@ -1,0 +1,222 @@
+"""Settings: the only place that reads environment variables.
+
+Every setting has one name. Its environment variable is `DICOMFLOW_<NAME>` and, where the CLI exposes
+it, its flag is `--<name-with-dashes>`; a flag given on the command line wins over the variable. Values are
+parsed and checked here, at start-up, so a bad value fails fast with the variable named, before any work
+is accepted. In the cloud, Terraform sets these variables (infra/worker.tf, infra/functions.tf).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dicomflow.domain.failures import ConfigError
+from dicomflow.domain.retry import RetryPolicy
+
+ENV_PREFIX = "DICOMFLOW_"
+
+
+class Mode(StrEnum):
+    LOCAL = "local"  # SQLite + the local process-pool queue (the embedded default)
+    CLOUD = "cloud"  # Firestore + Cloud Tasks
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+def _setting(default: Any, help_text: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help_text, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: Mode = _setting(Mode.LOCAL, "local (SQLite + local queue) or cloud (Firestore + Cloud Tasks)")
+    state_path: str = _setting("", "SQLite state file for local mode (default: DEST/.dicomflow/state.sqlite)")
+    workers: int = _setting(0, "parallel worker processes in local mode (0 = number of CPU cores)")
+    work_dir: str = _setting("", "scratch folder for downloads and dcm2niix output (default: system temp)")
+
+    # Cloud Tasks RetryConfig of the convert queue. Terraform sets the same values on the queue and on
+    # the worker from one variable (infra/variables.tf: convert_retry), so "last attempt" cannot drift.
+    retry_max_attempts: int = _setting(5, "attempts per series before it is dead-lettered (includes the first)")
+    retry_min_backoff_seconds: float = _setting(10.0, "first retry delay (Cloud Tasks min_backoff)")
+    retry_max_backoff_seconds: float = _setting(600.0, "longest retry delay (Cloud Tasks max_backoff)")
+    retry_max_doublings: int = _setting(4, "times the retry delay doubles before growing linearly")
+
+    dispatch_deadline_seconds: int = _setting(1800, "Cloud Tasks dispatch deadline of convert tasks (max 1800)")
+    convert_timeout_seconds: int = _setting(1500, "dcm2niix is stopped after this many seconds")
+    memory_budget_mb: int = _setting(0, "refuse series needing more memory/disk than this (0 = no limit)")
+    download_concurrency: int = _setting(16, "parallel downloads per series from Drive")
+    expand_chunk_files: int = _setting(1000, "files per expansion task when a source is large")
+    max_batch_sources: int = _setting(100, "most source folders one batch may list")
+    max_batch_series: int = _setting(50_000, "most series one batch may hold")
+    idempotency_ttl_hours: int = _setting(24, "how long an Idempotency-Key is remembered")
+
+    # cloud wiring (set by Terraform)
+    project: str = _setting("", "Google Cloud project id")
+    region: str = _setting("", "region of the queues and services")
+    firestore_database: str = _setting("(default)", "Firestore database id")
+    queue_convert: str = _setting("dicomflow-convert", "Cloud Tasks queue id for convert tasks")
+    queue_dead_letter: str = _setting("dicomflow-dead-letter", "Cloud Tasks queue id for dead-letter tasks")
+    queue_expand: str = _setting("dicomflow-expand", "Cloud Tasks queue id for expansion tasks")
+    queue_changes: str = _setting("dicomflow-changes", "Cloud Tasks queue id for Drive change tasks")
+    worker_url: str = _setting("", "URL of the Cloud Run worker (convert task target and OIDC audience)")
+    expand_url: str = _setting("", "URL of the expand task handler function")
+    dead_letter_url: str = _setting("", "URL of the dead-letter handler function")
+    changes_url: str = _setting("", "URL of the Drive changes task handler function")
+    public_url: str = _setting("", "public base URL of the batches API (for status links)")
+    tasks_service_account: str = _setting("", "service account whose OIDC token Cloud Tasks sends")
+    tasks_emulator_host: str = _setting("", "host:port of gcloud-tasks-emulator (dev stack and tests only)")
+
+    # Google Drive
+    drive_credentials: str = _setting("", "user OAuth token file for Drive (empty: the service's own identity)")
+    drive_client_secrets: str = _setting("", "OAuth client JSON used by `dicomflow auth` to create a user token")
+    drive_endpoint: str = _setting("", "Drive API base URL override (tests and the fake Drive server only)")
+    drive_identity: str = _setting("", "e-mail of the account dicomflow uses on Drive (named in error messages)")
+    webhook_url: str = _setting("", "HTTPS address Drive sends push notifications to")
+    webhook_token: str = _setting("", "shared secret Drive echoes in X-Goog-Channel-Token", secret=True)
+    settle_seconds: int = _setting(300, "a watched folder is converted once quiet for this long")
+    channel_ttl_seconds: int = _setting(604_800, "requested lifetime of a Drive changes channel (max 1 week)")
+    channel_renew_before_seconds: int = _setting(172_800, "renew a channel this long before it expires")
+
+    log_format: LogFormat = _setting(LogFormat.TEXT, "json (one object per line, for Cloud Logging) or text")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.retry_max_attempts,
+            min_backoff_seconds=self.retry_min_backoff_seconds,
+            max_backoff_seconds=self.retry_max_backoff_seconds,
+            max_doublings=self.retry_max_doublings,
+        )
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    @property
+    def lease_seconds(self) -> float:
+        """An attempt's lease outlives the dispatch deadline so that Cloud Tasks' re-dispatch of a slow
+        attempt (GCP_FACTS gotcha 11) finds the item still leased and does not run it twice."""
+        return float(self.dispatch_deadline_seconds + 120)
+
+    def redacted(self) -> dict[str, Any]:
+        return {
+            f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else getattr(self, f.name))
+            for f in fields(self)
+        }
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def describe(setting: str) -> str:
+    """Help text of a setting with its variable name, for CLI --help."""
+    for f in fields(Settings):
+        if f.name == setting:
+            return f"{f.metadata['help']} [env: {env_name(setting)}]"
+    raise KeyError(setting)
+
+
+def _convert(name: str, kind: Any, raw: Any) -> Any:
+    if isinstance(raw, str):
+        raw = raw.strip()
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if kind in (Mode, "Mode"):
+            return Mode(str(raw).lower())
+        if kind in (LogFormat, "LogFormat"):
+            return LogFormat(str(raw).lower())
+        return str(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{env_name(name)}={raw!r} is not a valid value: {exc}") from exc
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, with explicit overrides (CLI flags) on top. None overrides are
+    ignored, so a CLI can pass every option through and only the ones the user gave take effect."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        override = overrides.get(f.name)
+        if override is not None:
+            values[f.name] = _convert(f.name, f.type, override)
+        elif env_name(f.name) in env and env[env_name(f.name)] != "":
+            values[f.name] = _convert(f.name, f.type, env[env_name(f.name)])
+    if not values.get("project"):
+        # The Google client libraries and Cloud Run set these; accept them so nothing is configured twice.
+        for fallback in ("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT"):
+            if env.get(fallback):
+                values["project"] = env[fallback]
+                break
+    unknown = set(overrides) - {f.name for f in fields(Settings)}
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    try:
+        return Settings(**values)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("workers", lambda v: 0 <= v <= 256, "must be between 0 and 256"),
+    ("retry_max_attempts", lambda v: 1 <= v <= 100, "must be between 1 and 100"),
+    ("retry_min_backoff_seconds", lambda v: v >= 0, "must be >= 0"),
+    ("retry_max_doublings", lambda v: 0 <= v <= 16, "must be between 0 and 16"),
+    (
+        "dispatch_deadline_seconds",
+        lambda v: 15 <= v <= 1800,
+        "must be between 15 and 1800 (Cloud Tasks limits)",
+    ),
+    ("convert_timeout_seconds", lambda v: v >= 1, "must be >= 1"),
+    ("memory_budget_mb", lambda v: v >= 0, "must be >= 0"),
+    ("download_concurrency", lambda v: 1 <= v <= 64, "must be between 1 and 64"),
+    ("expand_chunk_files", lambda v: 10 <= v <= 5000, "must be between 10 and 5000"),
+    ("max_batch_sources", lambda v: v >= 1, "must be >= 1"),
+    ("max_batch_series", lambda v: v >= 1, "must be >= 1"),
+    ("idempotency_ttl_hours", lambda v: v >= 1, "must be >= 1"),
+    ("settle_seconds", lambda v: v >= 0, "must be >= 0"),
+    ("channel_ttl_seconds", lambda v: 60 <= v <= 604_800, "must be between 60 and 604800 (Drive's maximum)"),
+    ("channel_renew_before_seconds", lambda v: v >= 0, "must be >= 0"),
+    (
+        "log_level",
+        lambda v: v.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+        "must be DEBUG/INFO/WARNING/ERROR",
+    ),
+    (
+        "webhook_token",
+        lambda v: len(v) <= 256,
+        "must be at most 256 characters (Drive's channel token limit)",
+    ),
+]
+
+
+def _validate(settings: Settings) -> None:
+    for name, ok, message in _CHECKS:
+        if not ok(getattr(settings, name)):
+            raise ConfigError(f"{env_name(name)}={getattr(settings, name)!r} {message}")
+    if settings.retry_max_backoff_seconds < settings.retry_min_backoff_seconds:
+        raise ConfigError(f"{env_name('retry_max_backoff_seconds')} must be >= {env_name('retry_min_backoff_seconds')}")
+    if settings.convert_timeout_seconds >= settings.dispatch_deadline_seconds and settings.mode is Mode.CLOUD:
+        raise ConfigError(
+            f"{env_name('convert_timeout_seconds')} must be shorter than "
+            f"{env_name('dispatch_deadline_seconds')}, or Cloud Tasks re-dispatches a series still converting"
+        )
+
+
+def settings_path(value: str) -> Path | None:
+    return Path(value).expanduser() if value else None

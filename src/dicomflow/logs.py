@@ -1,0 +1,82 @@
+"""Logging set-up: one JSON object per line for Cloud Logging, or short text lines for people.
+
+JSON lines come from google-cloud-logging's StructuredLogHandler, which maps `severity`, `message`,
+`logging.googleapis.com/labels` and `logging.googleapis.com/trace` (read from the Flask request's
+`traceparent`/`X-Cloud-Trace-Context` header) onto LogEntry fields (GCP_FACTS §7). Every dicomflow
+event adds `event` (what log-based metrics count) and its fields to `jsonPayload`; labels carry
+`batch_id`/`item_id`. No event carries patient identifiers or source paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from dicomflow.config import LogFormat, Settings
+
+_HANDLER_MARK = "_dicomflow_handler"
+
+
+class _EventFilter(logging.Filter):
+    """Turns `extra={"event":..., "labels":..., "fields":...}` into StructuredLogHandler's inputs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        json_fields: dict[str, Any] = dict(getattr(record, "json_fields", {}) or {})
+        event = getattr(record, "event", None)
+        if event:
+            json_fields["event"] = event
+        json_fields.update(getattr(record, "fields", {}) or {})
+        record.json_fields = json_fields
+        labels = getattr(record, "labels", None)
+        record.labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        return True
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.getMessage()}"
+        labels = getattr(record, "labels", {}) or {}
+        extra = " ".join(f"{k}={v}" for k, v in labels.items())
+        if record.exc_info:
+            base += "\n" + self.formatException(record.exc_info)
+        return f"{base}  [{extra}]" if extra else base
+
+
+def _json_handler(project: str, stream: IO[str]) -> logging.Handler:
+    from google.cloud.logging_v2.handlers import StructuredLogHandler
+
+    handler: logging.Handler = StructuredLogHandler(  # type: ignore[no-untyped-call]
+        project_id=project or None, stream=stream
+    )
+    return handler
+
+
+def configure(settings: Settings, *, stream: IO[str] | None = None, file: Path | None = None) -> None:
+    """Install dicomflow's handler on the root logger (idempotent: replaces a previous one)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_MARK, False):
+            root.removeHandler(handler)
+            handler.close()
+    handlers: list[logging.Handler] = []
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(_json_handler(settings.project, file.open("a", encoding="utf-8")))
+    else:
+        out = stream or sys.stdout
+        if settings.log_format is LogFormat.JSON:
+            handlers.append(_json_handler(settings.project, out))
+        else:
+            text = logging.StreamHandler(out)
+            text.setFormatter(_TextFormatter())
+            handlers.append(text)
+    for handler in handlers:
+        handler.addFilter(_EventFilter())
+        setattr(handler, _HANDLER_MARK, True)
+        root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    # Client libraries are chatty at INFO and may log request URLs; keep them at WARNING.
+    for noisy in ("googleapiclient", "google", "urllib3", "grpc", "werkzeug", "gunicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

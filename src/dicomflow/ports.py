@@ -1,0 +1,248 @@
+"""The interfaces between the core and the outside world.
+
+Each port has a cloud adapter, a local adapter and (where useful) a hand-written test double, and one
+contract suite in `tests/contracts/` runs against all of them so local mode cannot drift from production.
+Services depend on these protocols only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from dicomflow.domain.locations import Location
+from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState, OutputFile
+from dicomflow.domain.series import ConversionOptions, FileRef, Ignored, ScanResult
+
+Progress = Callable[[int, int], None]
+"""progress(done, total) in bytes or files; called from worker threads, must be cheap."""
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedFile:
+    """A listed file that cannot be a DICOM instance (e.g. a Google Doc); reported, never converted."""
+
+    path: str
+    ignored: Ignored
+
+
+class Source(Protocol):
+    """Where DICOM files are read from."""
+
+    def check(self, location: Location) -> str:
+        """The folder's display name. Raises SourceNotFound/AccessDenied (saying what to do) unless
+        `location` is a readable folder."""
+
+    def list_files(self, location: Location) -> Iterator[FileRef | SkippedFile]:
+        """Every file under the folder, recursively, in no particular order."""
+
+    def read_prefix(self, ref: FileRef, size: int) -> bytes:
+        """The first `size` bytes of a file (fewer if the file is shorter)."""
+
+    def fetch(self, refs: Sequence[FileRef], dest_dir: Path, progress: Progress | None = None) -> list[Path]:
+        """Make the files available under `dest_dir` (one file per ref, unique names) and return their
+        paths. Verifies sizes and checksums when the source reports them."""
+
+
+class Sink(Protocol):
+    """Where NIfTI outputs are written."""
+
+    def check(self, location: Location) -> str:
+        """The folder's display name. Raises (saying what to do) unless `location` can receive outputs."""
+
+    def publish(
+        self,
+        location: Location,
+        rel_dir: str,
+        files: Sequence[Path],
+        owner_key: str,
+        progress: Progress | None = None,
+    ) -> tuple[OutputFile, ...]:
+        """Write `files` under `location/rel_dir`, idempotently: publishing the same outputs again (a
+        re-delivered task) leaves exactly one copy of each. `owner_key` identifies the series; a file
+        of the same name that dicomflow did not write for that key is never replaced."""
+
+
+class HeaderScanner(Protocol):
+    """Reads DICOM headers (not pixels) of many files, in parallel."""
+
+    def scan(self, source: Source, refs: Sequence[FileRef]) -> list[ScanResult]:
+        """One result per ref, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConverterRun:
+    exit_code: int
+    outputs: tuple[Path, ...]
+    console: str
+    seconds: float
+
+
+class Converter(Protocol):
+    """dcm2niix behind an interface (tests may swap in a converter that crashes on purpose)."""
+
+    @property
+    def version(self) -> str: ...
+
+    def convert(self, input_dir: Path, output_dir: Path, stem: str, options: ConversionOptions) -> ConverterRun:
+        """Convert every DICOM file in `input_dir` (one series) into `output_dir`, named from `stem`."""
+
+
+class QueueName(StrEnum):
+    EXPAND = "expand"
+    CONVERT = "convert"
+    DEAD_LETTER = "dead-letter"
+    CHANGES = "changes"
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    queue: QueueName
+    task_id: str  # [A-Za-z0-9_-]{1,500}: Cloud Tasks forbids dots (GCP_FACTS gotcha 10)
+    payload: Mapping[str, Any]
+    delay_seconds: float = 0.0
+
+
+class TaskQueue(Protocol):
+    def enqueue(self, tasks: Sequence[Task]) -> None:
+        """Create the tasks. Creating a task whose id already exists is success, not an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What the queue tells a handler about the delivery (X-CloudTasks-* headers)."""
+
+    retry_count: int = 0
+    task_id: str = ""
+    queue: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ExpansionChunk:
+    """A slice of a large source's file list, scanned by one task (fan-out of expansion)."""
+
+    batch_id: str
+    chunk_no: int
+    files: tuple[FileRef, ...]
+    skipped: tuple[SkippedFile, ...] = ()
+    results: tuple[ScanResult, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    key_hash: str
+    request_hash: str
+    batch_id: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class WatchChannel:
+    """A Drive changes.watch channel and the folders it converts (see services/drive_changes.py)."""
+
+    channel_id: str
+    resource_id: str
+    folder_id: str
+    destination: str
+    page_token: str
+    expires_at: float
+    created_at: float
+    options: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+    active: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PendingFolder:
+    """A watched folder that received files; submitted as one batch once quiet for the settle window."""
+
+    folder_id: str
+    watch_folder_id: str
+    first_change_at: float
+    last_change_at: float
+    submitted_batch_id: str = ""
+
+
+ItemChange = Callable[[Item], Item | None]
+BatchChange = Callable[[Batch], Batch | None]
+
+
+class StateStore(Protocol):
+    """Batches, items (one record per series), expansion scratch, idempotency keys and watch channels.
+
+    Every `update_*` applies a pure change function atomically to one record (read, compute, write in
+    one transaction) and returns the record as stored plus whether it changed. Counters are derived
+    from item states, so a state transition and its counter move in the same write.
+    """
+
+    # batches
+    def create_batch(self, batch: Batch, idempotency: IdempotencyRecord | None = None) -> tuple[Batch, bool]:
+        """Store a new batch. With an idempotency record whose key is already known (and not expired),
+        return the existing batch and False instead (Conflict if the request hash differs)."""
+
+    def get_batch(self, batch_id: str) -> Batch:
+        """The batch with fresh counters; NotFound if unknown."""
+
+    def list_batches(self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None) -> list[Batch]:
+        """Most recent first, with counters; only those in `statuses` when given."""
+
+    def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]: ...
+
+    def counters(self, batch_id: str) -> Counters: ...
+
+    # items
+    def add_items(self, items: Sequence[Item]) -> int:
+        """Create items that do not exist yet (by batch_id, item_id); existing ones are left untouched.
+        Returns how many were created."""
+
+    def get_item(self, batch_id: str, item_id: str) -> Item:
+        """NotFound if unknown."""
+
+    def update_item(self, batch_id: str, item_id: str, change: ItemChange) -> tuple[Item, bool]: ...
+
+    def list_items(
+        self, batch_id: str, states: frozenset[ItemState] | None = None, after: str = "", limit: int = 100
+    ) -> list[Item]:
+        """Items ordered by item_id, starting after `after` (for paging)."""
+
+    def find_stale(self, now: float, retrying_older_than: float, limit: int = 500) -> list[Item]:
+        """Items `running` whose lease expired before `now`, and items `retrying` not updated since
+        `retrying_older_than` (their task may have been lost)."""
+
+    def succeeded_fingerprints(self, dest_key: str, fingerprints: Sequence[str]) -> set[str]:
+        """Which of these fingerprints already converted successfully into this destination."""
+
+    # expansion scratch space
+    def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None: ...
+
+    def get_chunk(self, batch_id: str, chunk_no: int) -> ExpansionChunk: ...
+
+    def put_chunk_results(self, batch_id: str, chunk_no: int, results: Sequence[ScanResult]) -> None: ...
+
+    def list_chunks(self, batch_id: str) -> list[ExpansionChunk]: ...
+
+    def count_unscanned_chunks(self, batch_id: str) -> int: ...
+
+    def delete_chunks(self, batch_id: str) -> None: ...
+
+    # Drive push notifications
+    def put_channel(self, channel: WatchChannel) -> None: ...
+
+    def get_channel(self, channel_id: str) -> WatchChannel | None: ...
+
+    def list_channels(self, active_only: bool = True) -> list[WatchChannel]: ...
+
+    def update_channel(
+        self, channel_id: str, change: Callable[[WatchChannel], WatchChannel | None]
+    ) -> tuple[WatchChannel, bool]: ...
+
+    def touch_pending_folder(self, folder_id: str, watch_folder_id: str, now: float) -> PendingFolder: ...
+
+    def list_pending_folders(self, quiet_since: float) -> list[PendingFolder]:
+        """Folders with no change after `quiet_since` and no batch submitted yet."""
+
+    def mark_folder_submitted(self, folder_id: str, last_change_at: float, batch_id: str) -> bool:
+        """Record the batch unless a newer change arrived meanwhile (then False: wait again)."""

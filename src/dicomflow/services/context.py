@@ -1,0 +1,78 @@
+"""What every use case receives: the ports, the settings and a clock. Built only by bootstrap.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomflow.config import Settings
+from dicomflow.domain.failures import InvalidInput
+from dicomflow.domain.locations import Location, LocationKind
+from dicomflow.events import Event
+from dicomflow.ports import Converter, HeaderScanner, Sink, Source, StateStore, TaskQueue
+
+log = logging.getLogger("dicomflow")
+
+StepProgress = Callable[[str, str, str, int, int], None]
+"""progress(batch_id, item_id, phase, done, total): phases are download, convert, upload."""
+
+
+def _no_progress(_batch: str, _item: str, _phase: str, _done: int, _total: int) -> None:
+    return None
+
+
+@dataclass
+class Context:
+    settings: Settings
+    store: StateStore
+    queue: TaskQueue
+    converter: Converter
+    sources: dict[LocationKind, Callable[[], Source]]
+    sinks: dict[LocationKind, Callable[[], Sink]]
+    scanners: dict[LocationKind, HeaderScanner]
+    work_dir: Path
+    clock: Callable[[], float] = time.time
+    progress: StepProgress = _no_progress
+    # How many expansion chunks can be scanned at once (local: worker processes; cloud: task fan-out).
+    scan_parallelism: int = 1
+    _cache: dict[Any, Any] = field(default_factory=dict)
+
+    def source_for(self, location: Location) -> Source:
+        source: Source = self._adapter(self.sources, location, "source")
+        return source
+
+    def sink_for(self, location: Location) -> Sink:
+        sink: Sink = self._adapter(self.sinks, location, "destination")
+        return sink
+
+    def scanner_for(self, location: Location) -> HeaderScanner:
+        return self.scanners[location.kind]
+
+    def _adapter(self, table: dict[LocationKind, Callable[[], Any]], location: Location, role: str) -> Any:
+        key = (role, location.kind)
+        if key not in self._cache:
+            factory = table.get(location.kind)
+            if factory is None:
+                raise InvalidInput(f"{location.kind.value} locations cannot be used as a {role} here", field=role)
+            self._cache[key] = factory()
+        return self._cache[key]
+
+
+def event(
+    name: Event,
+    message: str,
+    *,
+    severity: int = logging.INFO,
+    batch_id: str = "",
+    item_id: str = "",
+    data: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> None:
+    """One structured log event. `name` is what log-based metrics count (infra/observability.tf);
+    `data` and `fields` land in jsonPayload. Never pass patient identifiers or source paths."""
+    labels = {k: v for k, v in (("batch_id", batch_id), ("item_id", item_id)) if v}
+    log.log(severity, message, extra={"event": name.value, "labels": labels, "fields": {**(data or {}), **fields}})

@@ -1,0 +1,72 @@
+"""Batch completion and the progress view (counters, ETA, failures) shown by the API and the CLI."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dicomflow.domain import model
+from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState
+from dicomflow.events import Event
+from dicomflow.services.context import Context, event
+
+
+def maybe_complete(ctx: Context, batch_id: str) -> Batch:
+    """Mark the batch completed once every item is terminal.
+
+    Called after every terminal transition. Each caller counts *after* its own write committed, so the
+    last item to finish always sees all the others: no completion can be missed, and the conditional
+    batch update makes it happen once.
+    """
+    counters = ctx.store.counters(batch_id)
+    batch, changed = ctx.store.update_batch(batch_id, lambda b: model.complete_if_done(b, counters, ctx.clock()))
+    if changed:
+        event(
+            Event.BATCH_COMPLETED,
+            f"batch {batch.status.value}",
+            severity=logging.WARNING if counters.dead_lettered else logging.INFO,
+            batch_id=batch_id,
+            status=batch.status.value,
+            data=counters.to_dict(),
+        )
+    return batch
+
+
+@dataclass(frozen=True, slots=True)
+class BatchView:
+    batch: Batch
+    counters: Counters
+    eta_seconds: float | None
+    failures: list[Item]
+    items: list[Item]
+    next_page: str
+
+
+def eta(batch: Batch, counters: Counters, now: float) -> float | None:
+    """Remaining time at the rate series have finished since expansion ended (None until measurable)."""
+    if batch.status is not BatchStatus.RUNNING or batch.expanded_at is None:
+        return None
+    done = counters.succeeded + counters.dead_lettered
+    elapsed = now - batch.expanded_at
+    remaining = counters.series_total - counters.finished
+    if remaining <= 0:
+        return 0.0
+    if done == 0 or elapsed <= 0:
+        return None
+    return remaining * elapsed / done
+
+
+def batch_view(
+    ctx: Context, batch_id: str, *, page_after: str = "", page_size: int = 50, failure_limit: int = 50,
+    states: frozenset[ItemState] | None = None,
+) -> BatchView:  # fmt: skip
+    batch = ctx.store.get_batch(batch_id)
+    counters = batch.counters
+    failures = (
+        ctx.store.list_items(batch_id, frozenset({ItemState.DEAD_LETTERED}), limit=failure_limit)
+        if counters.dead_lettered
+        else []
+    )
+    items = ctx.store.list_items(batch_id, states, after=page_after, limit=page_size + 1)
+    next_page = items[page_size - 1].item_id if len(items) > page_size else ""
+    return BatchView(batch, counters, eta(batch, counters, ctx.clock()), failures, items[:page_size], next_page)

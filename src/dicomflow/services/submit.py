@@ -1,0 +1,143 @@
+"""Submitting a batch: validate, record it, and start its expansion — nothing slow happens here, so a
+submission is answered quickly whatever the size of the source (expansion continues in tasks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dicomflow.domain.failures import InvalidInput
+from dicomflow.domain.locations import Location
+from dicomflow.domain.model import Batch, BatchStatus
+from dicomflow.domain.series import ConversionOptions
+from dicomflow.events import Event
+from dicomflow.ports import IdempotencyRecord, QueueName, Task
+from dicomflow.services.context import Context, event
+
+MAX_LABEL = 200
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    sources: tuple[Location, ...]
+    destination: Location
+    options: ConversionOptions = ConversionOptions()
+    label: str = ""
+    force: bool = False
+
+    def fingerprint(self) -> str:
+        """Hash of the request, to tell a true retry from a different request reusing an idempotency key."""
+        body = {
+            "sources": [s.uri for s in self.sources],
+            "destination": self.destination.uri,
+            "options": self.options.to_dict(),
+            "label": self.label,
+            "force": self.force,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    batch: Batch
+    created: bool
+
+
+def new_batch_id() -> str:
+    # Random, not time-ordered: sequential document ids create Firestore hot spots.
+    return secrets.token_hex(10)
+
+
+def expand_task(batch_id: str, suffix: str = "") -> Task:
+    task_id = f"expand-{batch_id}-list" + (f"-{suffix}" if suffix else "")
+    return Task(QueueName.EXPAND, task_id, {"batch_id": batch_id, "step": "list"})
+
+
+def validate_request(ctx: Context, request: BatchRequest) -> None:
+    if not request.sources:
+        raise InvalidInput("give at least one source folder", field="source")
+    if len(request.sources) > ctx.settings.max_batch_sources:
+        raise InvalidInput(
+            f"a batch may list at most {ctx.settings.max_batch_sources} source folders "
+            f"(got {len(request.sources)}); split it into several batches",
+            field="source",
+        )
+    if len({s.kind for s in request.sources}) > 1:
+        raise InvalidInput("a batch cannot mix local and Drive sources; submit them separately", field="source")
+    if len(set(request.sources)) != len(request.sources):
+        raise InvalidInput("the same source folder is listed twice", field="source")
+    if len(request.label) > MAX_LABEL:
+        raise InvalidInput(f"label must be at most {MAX_LABEL} characters", field="label")
+    if request.destination in request.sources:
+        raise InvalidInput("the destination must differ from the source", field="destination")
+
+
+def submit(
+    ctx: Context,
+    request: BatchRequest,
+    idempotency_key: str | None = None,
+    *,
+    check_locations: bool = True,
+) -> SubmitResult:
+    """Create a batch in `expanding` state and enqueue its expansion.
+
+    With an `idempotency_key`, a repeated submission returns the batch created the first time. If the
+    first attempt recorded the batch but failed to enqueue its expansion, the repeat enqueues it again
+    (expansion is idempotent), so a client that retries after an error never leaves a batch stuck.
+    """
+    validate_request(ctx, request)
+    if check_locations:
+        # Fail at once, with a message naming the folder and the fix, rather than in a task later.
+        for source in request.sources:
+            ctx.source_for(source).check(source)
+        ctx.sink_for(request.destination).check(request.destination)
+
+    now = ctx.clock()
+    batch = Batch(
+        batch_id=new_batch_id(),
+        sources=request.sources,
+        destination=request.destination,
+        options=request.options,
+        label=request.label,
+        status=BatchStatus.EXPANDING,
+        created_at=now,
+        updated_at=now,
+        force=request.force,
+    )
+    record = None
+    if idempotency_key:
+        record = IdempotencyRecord(
+            key_hash=hashlib.sha256(idempotency_key.encode()).hexdigest(),
+            request_hash=request.fingerprint(),
+            batch_id=batch.batch_id,
+            expires_at=now + ctx.settings.idempotency_ttl_hours * 3600,
+        )
+    stored, created = ctx.store.create_batch(batch, record)
+    if created or stored.status is BatchStatus.EXPANDING:
+        ctx.queue.enqueue([expand_task(stored.batch_id)])
+    if created:
+        event(
+            Event.BATCH_SUBMITTED,
+            "batch submitted",
+            batch_id=stored.batch_id,
+            sources=len(request.sources),
+            force=request.force,
+        )
+    return SubmitResult(stored, created)
+
+
+def find_resumable(ctx: Context, request: BatchRequest, candidates: Sequence[Batch]) -> Batch | None:
+    """An unfinished batch with exactly this request (local mode resumes it after an interruption)."""
+    for batch in candidates:
+        if (
+            not batch.is_final
+            and batch.sources == request.sources
+            and batch.destination == request.destination
+            and batch.options == request.options
+            and batch.force == request.force
+        ):
+            return batch
+    return None
