@@ -201,9 +201,7 @@ def test_multi_echo_is_split_into_one_output_per_echo(kind: samples.Kind, tmp_pa
 
 
 @pytest.mark.parametrize("file_names", ["numbered", "uid", "noext"])
-def test_file_naming_and_shuffling_do_not_change_the_volume(
-    file_names: samples.FileNaming, tmp_path: Path
-) -> None:
+def test_file_naming_and_shuffling_do_not_change_the_volume(file_names: samples.FileNaming, tmp_path: Path) -> None:
     spec = spec_for("mr4d", "axial")
     written = samples.write_series(tmp_path / "in", spec, seed=3, file_names=file_names, shuffle=True)
     names = [p.name for p in written.paths]
@@ -245,9 +243,7 @@ def test_files_carry_consistent_dicom_geometry_and_identity(kind: samples.Kind, 
     iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
     normal = np.cross(iop[:3], iop[3:])
     positions = np.array([ds.ImagePositionPatient for ds in datasets[: spec.slices]], dtype=float)
-    np.testing.assert_allclose(
-        np.diff(positions, axis=0), np.tile(normal * 2.5, (spec.slices - 1, 1)), atol=1e-3
-    )
+    np.testing.assert_allclose(np.diff(positions, axis=0), np.tile(normal * 2.5, (spec.slices - 1, 1)), atol=1e-3)
     np.testing.assert_allclose(positions, geometry.positions, atol=1e-4)
     locations = [float(ds.SliceLocation) for ds in datasets[: spec.slices]]
     np.testing.assert_allclose(locations, positions @ normal, atol=1e-3)
@@ -255,9 +251,7 @@ def test_files_carry_consistent_dicom_geometry_and_identity(kind: samples.Kind, 
 
 def tree_digest(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in root.rglob("*")
-        if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
     }
 
 
@@ -334,9 +328,7 @@ def test_demo_non_dicom_files_and_dicomdir(demo: DemoArchive) -> None:
     series_uids = set()
     for record in images:
         file_id = record.ReferencedFileID
-        path = (demo.root / demo.dicomdir).parent.joinpath(
-            *([file_id] if isinstance(file_id, str) else file_id)
-        )
+        path = (demo.root / demo.dicomdir).parent.joinpath(*([file_id] if isinstance(file_id, str) else file_id))
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert ds.SOPInstanceUID == record.ReferencedSOPInstanceUIDInFile
         series_uids.add(ds.SeriesInstanceUID)

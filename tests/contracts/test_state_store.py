@@ -1,0 +1,258 @@
+"""The StateStore contract: SQLite (local mode) and Firestore (emulator) must behave identically."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dicomflow.domain import model
+from dicomflow.domain.failures import Conflict, Failure, NotFound
+from dicomflow.domain.locations import parse_location
+from dicomflow.domain.model import BatchStatus, ItemState
+from dicomflow.domain.series import (
+    ConversionOptions,
+    DicomHeader,
+    FileRef,
+    Ignored,
+    IgnoredKind,
+    SeriesGroup,
+    SeriesKey,
+)
+from dicomflow.ports import ExpansionChunk, IdempotencyRecord, SkippedFile, StateStore, WatchChannel
+from tests.support.stores import STORE_PARAMS, Clock, make_store
+
+pytestmark = pytest.mark.contract
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@pytest.fixture(params=STORE_PARAMS)
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[StateStore]:
+    yield from make_store(request.param, tmp_path, clock)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(1_000_000.0)
+
+
+def _batch(batch_id: str = "b1", created_at: float = 1_000_000.0, dest: str = "/out") -> model.Batch:
+    return model.Batch(
+        batch_id=batch_id,
+        sources=(parse_location("/in", field="s"),),
+        destination=parse_location(dest, field="d"),
+        options=ConversionOptions(),
+        label="contract",
+        status=BatchStatus.EXPANDING,
+        created_at=created_at,
+        updated_at=created_at,
+    )
+
+
+def _items(batch: model.Batch, n: int, files_per_item: int = 3) -> list[model.Item]:
+    items = []
+    for i in range(n):
+        key = SeriesKey(f"1.2.3.{i}", MR)
+        files = tuple(FileRef(f"/in/s{i}/{j}", f"s{i}/{j}", 100 + j, "abc") for j in range(files_per_item))
+        group = SeriesGroup(key, files, tuple(f"9.{i}.{j}" for j in range(files_per_item)), f"s{i}", i, "MR", "T1w",
+                            output_stem=f"{i}_T1w")  # fmt: skip
+        items.append(model.new_item(batch, group, fingerprint=f"fp{i}", now=batch.created_at))
+    return items
+
+
+def test_batches_round_trip_and_unknown_ids_are_not_found(store: StateStore) -> None:
+    batch = _batch()
+    stored, created = store.create_batch(batch)
+    assert created and stored == batch
+    fetched = store.get_batch("b1")
+    assert replace(fetched, counters=batch.counters) == batch
+    with pytest.raises(NotFound):
+        store.get_batch("nope")
+
+
+def test_idempotency_key_returns_the_first_batch(store: StateStore, clock: Clock) -> None:
+    record = IdempotencyRecord("k" * 64, "req-a", "b1", expires_at=clock() + 3600)
+    first, created = store.create_batch(_batch("b1"), record)
+    again, created_again = store.create_batch(_batch("b2"), replace(record, batch_id="b2"))
+    assert created and not created_again
+    assert again.batch_id == first.batch_id == "b1"
+    with pytest.raises(Conflict):
+        store.create_batch(_batch("b3"), replace(record, batch_id="b3", request_hash="req-b"))
+    with pytest.raises(NotFound):
+        store.get_batch("b2")  # nothing partial left behind
+
+
+def test_an_expired_idempotency_key_starts_a_new_batch(store: StateStore, clock: Clock) -> None:
+    record = IdempotencyRecord("e" * 64, "req", "b1", expires_at=clock() + 10)
+    store.create_batch(_batch("b1"), record)
+    clock.advance(11)
+    stored, created = store.create_batch(_batch("b2"), replace(record, batch_id="b2", expires_at=clock() + 10))
+    assert created and stored.batch_id == "b2"
+
+
+def test_items_are_created_once_and_counters_follow_states(store: StateStore) -> None:
+    batch, _ = store.create_batch(_batch())
+    items = _items(batch, 5)
+    assert store.add_items(items) == 5
+    assert store.add_items(items) == 0  # a redelivered expansion changes nothing
+    counters = store.counters("b1")
+    assert (counters.series_total, counters.pending) == (5, 5)
+    store.update_item("b1", items[0].item_id, lambda i: model.claim(i, 1.0, 60, "w"))
+    store.update_item("b1", items[1].item_id, lambda i: model.skip(i, 2.0, "r"))
+    counters = store.get_batch("b1").counters
+    assert (counters.pending, counters.running, counters.skipped, counters.finished) == (3, 1, 1, 1)
+
+
+def test_item_round_trip_keeps_every_field(store: StateStore) -> None:
+    batch, _ = store.create_batch(_batch())
+    (item,) = _items(batch, 1, files_per_item=5)
+    store.add_items([item])
+    assert store.get_item("b1", item.item_id) == item
+    finished = model.succeed(
+        model.claim(item, 5.0, 60, "w") or item,
+        9.0,
+        (model.OutputFile("s0/0_T1w.nii.gz", 123, "ab" * 32, "ref"),),
+        model.Timings(1.5, 2.5, 0.5),
+        ("Warning: x",),
+    )
+    assert finished is not None
+    store.update_item("b1", item.item_id, lambda _: finished)
+    assert store.get_item("b1", item.item_id) == finished
+
+
+def test_a_change_that_returns_none_writes_nothing(store: StateStore) -> None:
+    batch, _ = store.create_batch(_batch())
+    (item,) = _items(batch, 1)
+    store.add_items([item])
+    current, changed = store.update_item("b1", item.item_id, lambda i: None)
+    assert not changed and current == item
+    with pytest.raises(NotFound):
+        store.update_item("b1", "missing", lambda i: i)
+
+
+def test_concurrent_claims_let_exactly_one_worker_in(store: StateStore) -> None:
+    batch, _ = store.create_batch(_batch())
+    (item,) = _items(batch, 1)
+    store.add_items([item])
+    winners: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def worker(name: str) -> None:
+        barrier.wait()
+        _, changed = store.update_item("b1", item.item_id, lambda i: model.claim(i, 10.0, 600, name))
+        if changed:
+            winners.append(name)
+
+    threads = [threading.Thread(target=worker, args=(f"w{n}",)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1
+    stored = store.get_item("b1", item.item_id)
+    assert stored.attempts == 1 and stored.lease_owner == winners[0]
+
+
+def test_list_items_pages_in_id_order_and_filters_by_state(store: StateStore) -> None:
+    batch, _ = store.create_batch(_batch())
+    items = _items(batch, 7)
+    store.add_items(items)
+    for item in items[:3]:
+        store.update_item("b1", item.item_id, lambda i: model.dead_letter(i, 1.0, Failure("c", "r", True)))
+    ids = sorted(i.item_id for i in items)
+    first = store.list_items("b1", limit=4)
+    second = store.list_items("b1", after=first[-1].item_id, limit=4)
+    assert [i.item_id for i in first + second] == ids
+    dead = store.list_items("b1", frozenset({ItemState.DEAD_LETTERED}))
+    assert sorted(i.item_id for i in dead) == sorted(i.item_id for i in items[:3])
+
+
+def test_find_stale_returns_expired_leases_and_forgotten_retries(store: StateStore) -> None:
+    batch, _ = store.create_batch(_batch())
+    live, expired, retrying, fresh_retry, pending = _items(batch, 5)
+    store.add_items([live, expired, retrying, fresh_retry, pending])
+    store.update_item("b1", live.item_id, lambda i: model.claim(i, 100.0, 1000, "w"))
+    store.update_item("b1", expired.item_id, lambda i: model.claim(i, 100.0, 10, "w"))
+    for item, when in ((retrying, 100.0), (fresh_retry, 500.0)):
+        store.update_item("b1", item.item_id, lambda i, t=when: model.claim(i, t, 10, "w"))
+        store.update_item("b1", item.item_id, lambda i, t=when: model.retry_later(i, t, Failure("x", "y", False), "w"))
+    stale = store.find_stale(now=200.0, retrying_older_than=300.0)
+    assert {i.item_id for i in stale} == {expired.item_id, retrying.item_id}
+
+
+def test_succeeded_fingerprints_are_scoped_to_the_destination(store: StateStore) -> None:
+    here, _ = store.create_batch(_batch("b1", dest="/out"))
+    there, _ = store.create_batch(_batch("b2", dest="/elsewhere"))
+    mine, other = _items(here, 2)
+    store.add_items([mine, other, *_items(there, 1)])
+    store.update_item("b1", mine.item_id, lambda i: model.succeed(i, 1.0, (), model.Timings(), ()))
+    store.update_item("b2", _items(there, 1)[0].item_id, lambda i: model.succeed(i, 1.0, (), model.Timings(), ()))
+    assert store.succeeded_fingerprints(here.destination.key, ["fp0", "fp1", "fp9"]) == {"fp0"}
+    assert store.succeeded_fingerprints(there.destination.key, ["fp0", "fp1"]) == {"fp0"}
+    assert store.succeeded_fingerprints(parse_location("/nowhere", field="d").key, ["fp0"]) == set()
+
+
+def test_batches_update_atomically_and_list_newest_first(store: StateStore) -> None:
+    store.create_batch(_batch("old", created_at=10.0))
+    store.create_batch(_batch("new", created_at=20.0))
+    updated, changed = store.update_batch("old", lambda b: model.finish_expansion(b, 30.0, 5, 1, ("x (not_dicom)",)))
+    assert changed and updated.status is BatchStatus.RUNNING
+    _, changed_again = store.update_batch("old", lambda b: model.finish_expansion(b, 31.0, 5, 1, ()))
+    assert not changed_again
+    assert [b.batch_id for b in store.list_batches(limit=10)] == ["new", "old"]
+    assert [b.batch_id for b in store.list_batches(statuses=frozenset({BatchStatus.RUNNING}))] == ["old"]
+    assert store.get_batch("old").ignored_examples == ("x (not_dicom)",)
+
+
+def test_expansion_chunks_hold_files_and_scan_results(store: StateStore) -> None:
+    store.create_batch(_batch())
+    files = tuple(FileRef(f"/in/{n}", f"a/{n}", n + 1) for n in range(3))
+    skipped = (SkippedFile("a/doc", Ignored(IgnoredKind.NOT_BINARY, "google doc")),)
+    store.put_chunks([ExpansionChunk("b1", 0, files, skipped), ExpansionChunk("b1", 1, files[:1])])
+    assert store.count_unscanned_chunks("b1") == 2
+    results = (
+        DicomHeader("1.1", MR, "9.1", 3, "MR", "T1w", ("ORIGINAL", "PRIMARY")),
+        Ignored(IgnoredKind.EMPTY),
+        Ignored(IgnoredKind.NOT_DICOM, "x"),
+    )
+    store.put_chunk_results("b1", 0, results)
+    assert store.count_unscanned_chunks("b1") == 1
+    chunk = store.get_chunk("b1", 0)
+    assert chunk.files == files and chunk.skipped == skipped and chunk.results == results
+    assert [c.chunk_no for c in store.list_chunks("b1")] == [0, 1]
+    store.delete_chunks("b1")
+    assert store.list_chunks("b1") == []
+
+
+def test_watch_channels_and_pending_folders(store: StateStore) -> None:
+    channel = WatchChannel("ch1", "res1", "folder1", "drive://dest", "tok1", 5000.0, 100.0, {"compress": True}, "lab")
+    store.put_channel(channel)
+    assert store.get_channel("ch1") == channel
+    assert store.get_channel("missing") is None
+    updated, changed = store.update_channel("ch1", lambda c: replace(c, page_token="tok2"))
+    assert changed and updated.page_token == "tok2"
+    store.update_channel("ch1", lambda c: replace(c, active=False))
+    assert store.list_channels() == []
+    assert [c.channel_id for c in store.list_channels(active_only=False)] == ["ch1"]
+
+    store.touch_pending_folder("f1", "folder1", 100.0)
+    folder = store.touch_pending_folder("f1", "folder1", 160.0)
+    assert (folder.first_change_at, folder.last_change_at) == (100.0, 160.0)
+    assert store.list_pending_folders(quiet_since=150.0) == []
+    (quiet,) = store.list_pending_folders(quiet_since=170.0)
+    assert not store.mark_folder_submitted("f1", last_change_at=150.0, batch_id="bX")  # a newer change arrived
+    assert store.mark_folder_submitted("f1", last_change_at=quiet.last_change_at, batch_id="b9")
+    assert store.list_pending_folders(quiet_since=10_000.0) == []
+    again = store.touch_pending_folder("f1", "folder1", 900.0)  # new uploads after the batch: a new wait
+    assert again.first_change_at == 900.0 and not again.submitted_batch_id
+
+
+def test_many_items_in_one_call(store: StateStore) -> None:
+    batch, _ = store.create_batch(_batch())
+    items = _items(batch, 450, files_per_item=1)
+    assert store.add_items(items) == 450
+    assert store.counters("b1").series_total == 450

@@ -1,0 +1,159 @@
+"""Series discovery on real scanner files (shipped inside the nibabel and pydicom wheels) and on files
+damaged on purpose: empty, truncated, not DICOM, DICOMDIR, no preamble, very long headers."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from io import BytesIO
+from pathlib import Path
+
+import nibabel
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicomflow.adapters.dicom_headers import PREFIX_BYTES, SequentialScanner, ThreadedScanner, parse_header, scan_one
+from dicomflow.adapters.local.files import LocalFolderSource
+from dicomflow.domain.locations import Location, LocationKind
+from dicomflow.domain.series import DicomHeader, FileRef, Ignored, IgnoredKind, group_series
+from dicomflow.samples import SeriesSpec, phi_patient, write_series
+
+pytestmark = pytest.mark.integration
+
+NIBABEL_DATA = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def _scan(path: Path) -> object:
+    data = path.read_bytes()
+    return scan_one(lambda n: data[:n], len(data))
+
+
+def _real(name: str, tmp_path: Path) -> Path:
+    source = NIBABEL_DATA / name
+    if source.suffix == ".gz":
+        target = tmp_path / source.stem
+        with gzip.open(source, "rb") as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return target
+    return source
+
+
+@pytest.mark.parametrize(
+    ("name", "series_number", "sop_class"),
+    [
+        ("siemens_dwi_0.dcm.gz", 12, "1.2.840.10008.5.1.4.1.1.4"),
+        ("siemens_dwi_1000.dcm.gz", 12, "1.2.840.10008.5.1.4.1.1.4"),
+        ("philips_mprage.dcm.gz", 301, ENHANCED_MR),
+        ("csa_slice_norm.dcm", 8, "1.2.840.10008.5.1.4.1.1.4"),
+    ],
+)
+def test_real_scanner_files_are_read_from_their_prefix(
+    name: str, series_number: int, sop_class: str, tmp_path: Path
+) -> None:
+    result = _scan(_real(name, tmp_path))
+    assert isinstance(result, DicomHeader)
+    assert (result.series_number, result.sop_class_uid, result.modality) == (series_number, sop_class, "MR")
+
+
+def test_the_siemens_dwi_pair_is_one_series(tmp_path: Path) -> None:
+    files = [_real(n, tmp_path) for n in ("siemens_dwi_0.dcm.gz", "siemens_dwi_1000.dcm.gz")]
+    scanned = [(FileRef(str(p), p.name, p.stat().st_size), _scan(p)) for p in files]
+    groups = group_series([(ref, h) for ref, h in scanned if isinstance(h, DicomHeader)])
+    assert len(groups) == 1 and len(groups[0].files) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b"", IgnoredKind.EMPTY),
+        (b"hello, this is a README\n", IgnoredKind.NOT_DICOM),
+        (b"\x00\x00\x01\x00Bud1" + b"\x00" * 4000, IgnoredKind.NOT_DICOM),  # a .DS_Store
+    ],
+)
+def test_files_that_are_not_dicom_are_ignored_with_a_reason(content: bytes, kind: IgnoredKind) -> None:
+    result = scan_one(lambda n: content[:n], len(content))
+    assert isinstance(result, Ignored) and result.kind is kind
+
+
+def test_a_file_cut_inside_its_header_is_truncated() -> None:
+    data = Path(get_testdata_file("MR_small.dcm")).read_bytes()[:600]  # type: ignore[arg-type]
+    result = scan_one(lambda n: data[:n], len(data))
+    assert isinstance(result, Ignored) and result.kind in (IgnoredKind.TRUNCATED, IgnoredKind.UNREADABLE)
+
+
+def test_a_file_cut_inside_its_pixels_is_still_discovered(tmp_path: Path) -> None:
+    # Grouping reads headers only; dcm2niix reports the missing pixels later, per series.
+    data = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # type: ignore[arg-type]
+    cut = data[: len(data) - 1000]
+    assert isinstance(scan_one(lambda n: cut[:n], len(cut)), DicomHeader)
+
+
+def test_files_without_preamble_or_meta_are_read() -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    buffer = BytesIO()
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    data = buffer.getvalue()
+    assert data[128:132] != b"DICM"
+    result = scan_one(lambda n: data[:n], len(data))
+    assert isinstance(result, DicomHeader) and result.series_uid == ds.SeriesInstanceUID
+
+
+def test_dicomdir_is_not_a_series() -> None:
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.preamble = b"\x00" * 128
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert parse_header(buffer.getvalue(), complete=True) == Ignored(IgnoredKind.DICOMDIR)
+
+
+def test_a_header_longer_than_the_prefix_is_read_further(tmp_path: Path) -> None:
+    (written,) = [write_series(tmp_path / "s", SeriesSpec(kind="ct", slices=2), seed=1).paths[0]]
+    ds = pydicom.dcmread(written)
+    # A huge element before group 0x0020 pushes SeriesInstanceUID beyond the first 64 KiB.
+    ds.add_new((0x0019, 0x0010), "LO", "BIGVENDOR")
+    ds.add_new((0x0019, 0x1001), "OB", b"\x00" * (PREFIX_BYTES * 3))
+    ds.save_as(written)
+    reads: list[int] = []
+    data = written.read_bytes()
+
+    def read(n: int) -> bytes:
+        reads.append(n)
+        return data[:n]
+
+    result = scan_one(read, len(data))
+    assert isinstance(result, DicomHeader) and result.series_uid == ds.SeriesInstanceUID
+    assert reads[0] == PREFIX_BYTES and len(reads) == 2
+
+
+def test_a_series_description_holding_patient_identifiers_is_dropped(tmp_path: Path) -> None:
+    patient = phi_patient("DESC")
+    spec = SeriesSpec(kind="ct", slices=2, patient=patient, series_description=f"head {patient.patient_id}")
+    written = write_series(tmp_path / "s", spec, seed=2)
+    result = _scan(written.paths[0])
+    assert isinstance(result, DicomHeader) and result.series_description == ""
+
+
+def test_folder_listing_and_scanners_agree(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    write_series(root / "a" / "b", SeriesSpec(kind="ct", slices=3), seed=3, file_names="noext")
+    (root / "a" / "notes.txt").write_text("not dicom")
+    (root / "empty.dcm").write_bytes(b"")
+    (root / ".dicomflow").mkdir()
+    (root / ".dicomflow" / "state.sqlite").write_bytes(b"x")  # our own state is never listed
+    source = LocalFolderSource()
+    location = Location(LocationKind.LOCAL, str(root))
+    refs = sorted((r for r in source.list_files(location) if isinstance(r, FileRef)), key=lambda r: r.path)
+    assert [r.path for r in refs][-2:] == ["a/notes.txt", "empty.dcm"]
+    assert len(refs) == 5
+    sequential = SequentialScanner().scan(source, refs)
+    threaded = ThreadedScanner(4).scan(source, refs)
+    assert sequential == threaded
+    assert sum(isinstance(r, DicomHeader) for r in sequential) == 3
