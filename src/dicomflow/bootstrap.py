@@ -68,13 +68,23 @@ def build(
         sinks=sinks or {LocationKind.LOCAL: LocalFolderSink, LocationKind.DRIVE: lambda: _drive(settings).sink()},
         scanners=scanners
         or {LocationKind.LOCAL: SequentialScanner(), LocationKind.DRIVE: ThreadedScanner(DRIVE_SCAN_THREADS)},
-        work_dir=work_dir or Path(settings.work_dir or tempfile.gettempdir()) / "dicomflow-work",
+        work_dir=work_dir or _work_dir(settings),
         clock=clock,
         scan_parallelism=parallelism,
     )
     if progress is not None:
         ctx.progress = progress
     return ctx
+
+
+def _work_dir(settings: Settings) -> Path:
+    """Scratch space for downloads and dcm2niix output. Locally it sits next to the state file, which is
+    normally inside the destination: outputs then reach their place by a rename, not a copy."""
+    if settings.work_dir:
+        return Path(settings.work_dir).expanduser()
+    if settings.mode is Mode.LOCAL and settings.state_path:
+        return Path(settings.state_path).expanduser().parent / "work"
+    return Path(tempfile.gettempdir()) / "dicomflow-work"
 
 
 def _firestore_store(settings: Settings, clock: Callable[[], float]) -> StateStore:

@@ -354,8 +354,7 @@ def demo(directory: Path, workers: int | None) -> None:
     settings = _settings(mode=Mode.LOCAL, workers=workers, state_path=str(local_runtime.default_state_path(dst)))
     request = BatchRequest(sources=(src,), destination=dst)
     code = _run_local(settings, lambda s: local_runtime.start_or_resume(s, request), False, False)
-    with local_runtime.open_session(settings) as session:
-        batch = session.ctx.store.list_batches(limit=1)[0]
+    batch = _read_context(settings).store.list_batches(limit=1)[0]
     problems = check_demo_result(archive, nifti, batch)
     if problems:
         for problem in problems:

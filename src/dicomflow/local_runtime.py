@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,13 @@ class StateBusy(ConfigError):
 @contextlib.contextmanager
 def state_lock(state_path: Path) -> Iterator[None]:
     lock_path = state_path.with_name(state_path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the state folder {lock_path.parent} ({exc.strerror}); choose a destination folder "
+            "you can write to, or keep the state elsewhere with --state FILE"
+        ) from None
     with lock_path.open("a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,46 +94,56 @@ class LocalSession:
     ctx: Context
     state_path: Path
     log_file: Path
+    runner: LocalRunner
+    progress_queue: Any
 
 
 @contextlib.contextmanager
 def open_session(settings: Settings) -> Iterator[LocalSession]:
-    """Lock the state file, configure logging into it, recover from any crash of an earlier run."""
+    """Lock the state file, boot the worker processes, configure logging into the state folder and
+    recover from any crash of an earlier run."""
     state_path = Path(settings.state_path).expanduser().resolve()
     log_file = state_path.parent / "dicomflow.log"
     with state_lock(state_path):
+        progress_queue = multiprocessing.get_context("spawn").Queue()
+        spec = bootstrap.LocalWorkerSpec(settings, progress_queue, str(log_file))
+        policies = dict.fromkeys(QueueName, CONTROL_POLICY) | {QueueName.CONVERT: settings.retry_policy}
         logs.configure(settings, file=log_file)
         ctx = bootstrap.build(settings)
-        reconcile(ctx, all_leases_expired=True)
-        remember_state(state_path)
-        yield LocalSession(settings, ctx, state_path, log_file)
+        # Scratch left by a killed run: no other process can be using it while we hold the lock.
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        runner = LocalRunner(
+            SqliteTaskQueue(state_path),
+            workers=settings.worker_count,
+            policies=policies,
+            runner_factory=bootstrap.local_task_runner,
+            factory_arg=spec,
+            on_crash=lambda: reconcile(ctx, all_leases_expired=True),
+        )
+        runner.start()  # workers boot while this process recovers state and submits
+        try:
+            reconcile(ctx, all_leases_expired=True)
+            remember_state(state_path)
+            yield LocalSession(settings, ctx, state_path, log_file, runner, progress_queue)
+        finally:
+            runner.close()
+            drain(progress_queue, lambda _message: None)
+            progress_queue.close()
+            progress_queue.join_thread()
 
 
 def run_queue(session: LocalSession, on_step: Callable[[Any], None], on_tick: Callable[[], None]) -> RunStats:
     """Deliver queued tasks with the worker pool until nothing is left."""
-    progress_queue = multiprocessing.get_context("spawn").Queue()
-    spec = bootstrap.LocalWorkerSpec(session.settings, progress_queue, str(session.log_file))
-    policies = dict.fromkeys(QueueName, CONTROL_POLICY) | {QueueName.CONVERT: session.settings.retry_policy}
 
     def tick() -> None:
-        drain(progress_queue, on_step)
+        drain(session.progress_queue, on_step)
         on_tick()
 
-    runner = LocalRunner(
-        SqliteTaskQueue(session.state_path),
-        workers=session.settings.worker_count,
-        policies=policies,
-        runner_factory=bootstrap.local_task_runner,
-        factory_arg=spec,
-        on_idle_tick=tick,
-        on_crash=lambda: reconcile(session.ctx, all_leases_expired=True),
-    )
+    session.runner.on_idle_tick = tick
     try:
-        return runner.run()
+        return session.runner.run()
     finally:
-        drain(progress_queue, on_step)
-        progress_queue.close()
-        progress_queue.join_thread()
+        drain(session.progress_queue, on_step)
 
 
 def start_or_resume(session: LocalSession, request: BatchRequest) -> tuple[Batch, bool]:

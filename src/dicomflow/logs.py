@@ -9,8 +9,10 @@ event adds `event` (what log-based metrics count) and its fields to `jsonPayload
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,6 +26,9 @@ class _EventFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         json_fields: dict[str, Any] = dict(getattr(record, "json_fields", {}) or {})
+        # StructuredLogHandler drops a `time` field (Cloud Logging stamps entries itself); local log files
+        # need a timestamp, so it goes under a name the handler keeps.
+        json_fields["logged_at"] = datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
         event = getattr(record, "event", None)
         if event:
             json_fields["event"] = event
@@ -44,7 +49,22 @@ class _TextFormatter(logging.Formatter):
         return f"{base}  [{extra}]" if extra else base
 
 
+class _LocalJsonFormatter(logging.Formatter):
+    """The same JSON shape as StructuredLogHandler's, for local log files, without importing the Cloud
+    Logging client (0.4 s per process: local runs start several)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = dict(getattr(record, "json_fields", {}) or {})
+        entry["message"] = record.getMessage()
+        entry["severity"] = record.levelname
+        entry["logging.googleapis.com/labels"] = {"python_logger": record.name, **(getattr(record, "labels", {}) or {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
 def _json_handler(project: str, stream: IO[str]) -> logging.Handler:
+    """Cloud Run / Functions: StructuredLogHandler adds the trace of the Flask request being served."""
     from google.cloud.logging_v2.handlers import StructuredLogHandler
 
     handler: logging.Handler = StructuredLogHandler(  # type: ignore[no-untyped-call]
@@ -63,7 +83,9 @@ def configure(settings: Settings, *, stream: IO[str] | None = None, file: Path |
     handlers: list[logging.Handler] = []
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(_json_handler(settings.project, file.open("a", encoding="utf-8")))
+        local = logging.FileHandler(file, encoding="utf-8")
+        local.setFormatter(_LocalJsonFormatter())
+        handlers.append(local)
     else:
         out = stream or sys.stdout
         if settings.log_format is LogFormat.JSON:

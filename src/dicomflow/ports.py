@@ -42,9 +42,15 @@ class Source(Protocol):
     def read_prefix(self, ref: FileRef, size: int) -> bytes:
         """The first `size` bytes of a file (fewer if the file is shorter)."""
 
-    def fetch(self, refs: Sequence[FileRef], dest_dir: Path, progress: Progress | None = None) -> list[Path]:
-        """Make the files available under `dest_dir` (one file per ref, unique names) and return their
-        paths. Verifies sizes and checksums when the source reports them."""
+    def refresh(self, refs: Sequence[FileRef]) -> list[FileRef]:
+        """The same files with their current size and checksum (files that no longer exist are left
+        out): a redriven series picks up files the user re-exported after a failure."""
+
+    def fetch(self, refs: Sequence[FileRef], dest_dir: Path, progress: Progress | None = None) -> Path:
+        """A local folder holding exactly these files (nothing else, no sub-folders needed), for dcm2niix:
+        `dest_dir` filled with copies or links, or — for a local source folder that already holds only
+        this series — that folder itself, which the caller must never modify. Verifies sizes and checksums
+        when the source reports them."""
 
 
 class Sink(Protocol):

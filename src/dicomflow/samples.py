@@ -201,6 +201,9 @@ class SeriesSpec:
     slice_order: SliceOrder = "interleaved"
     center_mm: Vec3 = (0.0, -12.0, 18.0)
     manufacturer: str | None = None
+    # Amplitude of deterministic pseudo-random noise added to MR signal. 0 keeps the phantom nearly
+    # flat (fast to compress); benchmarks use ~40 so gzip works about as hard as on real scans.
+    noise: int = 0
     patient: Patient = field(default_factory=Patient)
     study: Study = field(default_factory=Study)
 
@@ -549,15 +552,16 @@ def phantom(spec: SeriesSpec, *, seed: int) -> npt.NDArray[np.int32]:
         len(spec.echo_times),
         tuple(b for b, _ in diffusion_scheme(spec)),
         seed,
+        spec.noise,
     )
     return _phantom_cached(key)
 
 
 @functools.lru_cache(maxsize=16)
 def _phantom_cached(
-    key: tuple[Kind, int, int, int, int, int, tuple[float, ...], int],
+    key: tuple[Kind, int, int, int, int, int, tuple[float, ...], int, int],
 ) -> npt.NDArray[np.int32]:
-    kind, rows, cols, slices, volumes, echoes, bvals, seed = key
+    kind, rows, cols, slices, volumes, echoes, bvals, seed, noise = key
     k, r, c = np.meshgrid(
         np.linspace(-1.0, 1.0, slices),
         np.linspace(-1.0, 1.0, rows),
@@ -579,6 +583,9 @@ def _phantom_cached(
         base = hu + texture - 8
     else:
         base = np.where(head, 600 + gradient, 0) + np.where(inner, 700, 0) + texture * 3
+        if noise:
+            hashed = (idx * np.uint64(0x9E3779B1) + np.uint64(seed % 2**31) * np.uint64(97)) >> np.uint64(7)
+            base = base + (hashed % np.uint64(2 * noise + 1)).astype(np.int32) + 40 - noise
     out = np.empty((echoes, volumes, slices, rows, cols), dtype=np.int32)
     for e in range(echoes):
         for v in range(volumes):
@@ -614,6 +621,7 @@ def _pixel_bytes(spec: SeriesSpec, seed: int) -> tuple[bytes, ...]:
         volumes=spec.n_volumes,
         echo_times_ms=spec.echo_times,
         b_values=spec.b_values,
+        noise=spec.noise,
     )
     return _slice_bytes(neutral, seed)
 
@@ -1363,7 +1371,9 @@ def _write_cd_export(demo: _DemoBuilder) -> Path:
 # ---------------------------------------------------------------------------------------- benchmark
 
 
-def make_bench_archive(root: Path, *, series: int, slices: int, rows: int, cols: int, seed: int) -> list[WrittenSeries]:
+def make_bench_archive(
+    root: Path, *, series: int, slices: int, rows: int, cols: int, seed: int, noise: int = 0
+) -> list[WrittenSeries]:
     """``series`` single-volume MR series, one per folder ``root/series-NNNN``, for throughput tests.
 
     All series share one patient, study and phantom (the pixel bytes are computed once and reused),
@@ -1383,6 +1393,7 @@ def make_bench_archive(root: Path, *, series: int, slices: int, rows: int, cols:
             slices=slices,
             series_number=i % 9999 + 1,
             series_description=f"bench_{i + 1:04d}",
+            noise=noise,
             patient=patient,
             study=study,
         )

@@ -157,3 +157,38 @@ def test_folder_listing_and_scanners_agree(tmp_path: Path) -> None:
     threaded = ThreadedScanner(4).scan(source, refs)
     assert sequential == threaded
     assert sum(isinstance(r, DicomHeader) for r in sequential) == 3
+
+
+def _wheel_dicom_files() -> list[Path]:
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files", Path(nibabel.__file__).parent]
+    found = [
+        p
+        for root in roots
+        for p in root.rglob("*")
+        if p.is_file() and (p.suffix in (".dcm", "") or p.name.endswith(".dcm.gz"))
+    ]
+    return sorted(found)
+
+
+@pytest.mark.parametrize("path", _wheel_dicom_files(), ids=lambda p: p.name)
+def test_fast_reader_agrees_with_pydicom_on_every_shipped_file(path: Path) -> None:
+    """The fast header reader must give exactly pydicom's answer, or defer to pydicom."""
+    from dicomflow.adapters.dicom_headers import NeedMore, _parse_with_pydicom
+
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    for prefix, complete in ((data, True), (data[:PREFIX_BYTES], len(data) <= PREFIX_BYTES)):
+        try:
+            ours: object = parse_header(prefix, complete=complete)
+        except NeedMore:
+            ours = "need more"
+        if isinstance(ours, Ignored) and ours.kind in (IgnoredKind.NOT_DICOM, IgnoredKind.EMPTY):
+            continue  # not a DICOM file at all (README, .dump, ...): pydicom's guess does not matter
+        try:
+            theirs: object = _parse_with_pydicom(prefix, complete=complete, has_preamble=prefix[128:132] == b"DICM")
+        except NeedMore:
+            theirs = "need more"
+        if isinstance(ours, Ignored) and isinstance(theirs, Ignored):
+            continue  # both refuse the file (the reason may be worded differently)
+        assert ours == theirs

@@ -60,7 +60,7 @@ def _series_files(archive: samples.DemoArchive, series: samples.DemoSeries) -> l
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001, S112 - non-DICOM files in the folder are not part of the series
+        except Exception:  # noqa: S112 - non-DICOM files in the folder are not part of the series
             continue
         if ds.get("SeriesInstanceUID") == series.series_uid:
             files.append(path)

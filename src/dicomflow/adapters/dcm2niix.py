@@ -36,6 +36,7 @@ def dcm2niix_args(binary: Path, input_dir: Path, output_dir: Path, stem: str, op
         "-b", "y",
         "-ba", "y",
         "-m", _MERGE_FLAG[options.merge_2d],
+        "-d", "0",  # only the given folder: it holds exactly one series (sub-folders are other series)
         "-w", "1",
         "-f", stem,
         "-o", str(output_dir),
@@ -50,6 +51,10 @@ class Dcm2niixConverter:
         self._binary = binary or binary_path()
         self._timeout = timeout_seconds
         self._version = ""
+
+    @property
+    def binary(self) -> Path:
+        return self._binary
 
     @property
     def version(self) -> str:

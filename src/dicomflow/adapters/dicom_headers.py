@@ -16,14 +16,11 @@ import io
 import logging
 import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
-
+from dicomflow.adapters.dicom_fastscan import WANTED, Truncated, Unsupported, read_fast
 from dicomflow.domain.failures import TransientError
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, IgnoredKind, ScanResult
 from dicomflow.ports import Source
@@ -42,29 +39,14 @@ class NeedMore(Exception):
 
 
 def _looks_like_raw_dicom(data: bytes) -> bool:
-    """Files without the 128-byte preamble (old exports): they start with a group 0x0002/0x0008 tag in
-    little endian and a plausible VR or length."""
+    """Files without the 128-byte preamble (old exports): they start with a group 0x0002/0x0008 tag,
+    little or (retired) big endian."""
     if len(data) < 8:
         return False
-    group, _element = struct.unpack_from("<HH", data, 0)
-    return group in (0x0002, 0x0008)
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    return str(value).strip()
-
-
-def _phi_tokens(ds: Dataset) -> list[str]:
-    tokens: list[str] = []
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs"):
-        raw = _text(ds, keyword)
-        for part in raw.replace("^", " ").replace("=", " ").split():
-            if len(part) >= 3:
-                tokens.append(part.lower())
-    return tokens
+    return struct.unpack_from("<H", data, 0)[0] in (0x0002, 0x0008) or struct.unpack_from(">H", data, 0)[0] in (
+        0x0002,
+        0x0008,
+    )
 
 
 def parse_header(data: bytes, *, complete: bool) -> ScanResult:
@@ -73,23 +55,28 @@ def parse_header(data: bytes, *, complete: bool) -> ScanResult:
 
     Raises NeedMore when the prefix is too short to decide.
     """
-    with warnings.catch_warnings():
-        # pydicom warns about odd but readable files; its warnings may quote tag values, which can be
-        # patient identifiers, and must not reach logs.
-        warnings.simplefilter("ignore")
-        return _parse_header(data, complete=complete)
-
-
-_PARSE_ERRORS = (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, OverflowError, TypeError)
-
-
-def _parse_header(data: bytes, *, complete: bool) -> ScanResult:
     if not data:
         return Ignored(IgnoredKind.EMPTY)
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
     if not has_preamble and not _looks_like_raw_dicom(data):
         detail = "shorter than a DICOM preamble" if not complete and len(data) < 132 else ""
         return Ignored(IgnoredKind.NOT_DICOM, detail)
+    try:
+        fast = read_fast(data)
+    except Truncated:
+        if not complete:
+            raise NeedMore from None
+        return Ignored(IgnoredKind.TRUNCATED, "ends inside its header")
+    except Unsupported:
+        return _parse_with_pydicom(data, complete=complete, has_preamble=has_preamble)
+    return _header_from(fast.values, need_more=not fast.reached_end and not complete, ended_early=not fast.reached_end)
+
+
+def _parse_with_pydicom(data: bytes, *, complete: bool, has_preamble: bool) -> ScanResult:
+    """The slow, general path: big endian, deflate, other character sets, odd files."""
+    # Imported here: most files never need it, and importing pydicom costs a quarter of a second.
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
+    from pydicom.filereader import read_partial  # noqa: PLC0415
 
     reached_end_of_grouping = False
 
@@ -98,57 +85,89 @@ def _parse_header(data: bytes, *, complete: bool) -> ScanResult:
         reached_end_of_grouping = bool(tag.group > _GROUPING_GROUP_END)
         return reached_end_of_grouping
 
-    try:
-        ds = read_partial(io.BytesIO(data), stop_when=stop, defer_size=4096, force=not has_preamble)
-        # pydicom decodes deferred values lazily, so a corrupt value can also surface while extracting.
-        return _header_from(ds, need_more=not reached_end_of_grouping and not complete)
-    except _PARSE_ERRORS as exc:
-        if not complete:
-            raise NeedMore from exc
-        kind = IgnoredKind.TRUNCATED if isinstance(exc, EOFError | struct.error) else IgnoredKind.UNREADABLE
-        return Ignored(kind, type(exc).__name__)
+    errors = (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, OverflowError, TypeError)
+    with warnings.catch_warnings():
+        # pydicom warns about odd but readable files; its warnings may quote tag values, which can be
+        # patient identifiers, and must not reach logs.
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_partial(io.BytesIO(data), stop_when=stop, defer_size=4096, force=not has_preamble)
+            # pydicom decodes values lazily, so a corrupt value can also surface while extracting.
+            values = _values_from_dataset(ds)
+        except errors as exc:
+            if not complete:
+                raise NeedMore from exc
+            kind = IgnoredKind.TRUNCATED if isinstance(exc, EOFError | struct.error) else IgnoredKind.UNREADABLE
+            return Ignored(kind, type(exc).__name__)
+    return _header_from(
+        values, need_more=not reached_end_of_grouping and not complete, ended_early=not reached_end_of_grouping
+    )
 
 
-def _header_from(ds: Dataset, *, need_more: bool) -> ScanResult:
-    """The grouping fields of a parsed prefix. `need_more`: the prefix ended before group 0x0020 did."""
+def _values_from_dataset(ds: Any) -> dict[str, str]:
+    """The same raw string values the fast reader extracts (multi-values joined with a backslash)."""
+    values: dict[str, str] = {}
     meta = getattr(ds, "file_meta", None)
-    sop_class = _text(ds, "SOPClassUID") or (_text(meta, "MediaStorageSOPClassUID") if meta else "")
-    if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+    for (group, element), name in WANTED.items():
+        source = meta if group == 0x0002 else ds
+        if source is None or (group, element) not in source:
+            continue
+        value = source[(group, element)].value
+        if value is None:
+            continue
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = str(value)
+        values[name] = text.strip()
+    return values
+
+
+def _header_from(values: Mapping[str, str], *, need_more: bool, ended_early: bool) -> ScanResult:
+    """The grouping fields from raw values. `need_more`: the prefix ended before group 0x0020 did;
+    `ended_early`: the data ended before it (in a whole file, a sign of truncation)."""
+    sop_class = values.get("sop_class") or values.get("media_sop_class", "")
+    if sop_class == DICOMDIR_SOP_CLASS:
         return Ignored(IgnoredKind.DICOMDIR)
-    series_uid = _text(ds, "SeriesInstanceUID")
-    sop_uid = _text(ds, "SOPInstanceUID") or (_text(meta, "MediaStorageSOPInstanceUID") if meta else "")
+    series_uid = values.get("series_uid", "")
+    sop_uid = values.get("sop_instance") or values.get("media_sop_instance", "")
     required = {"SeriesInstanceUID": series_uid, "SOPClassUID": sop_class, "SOPInstanceUID": sop_uid}
     missing = [name for name, value in required.items() if not value]
     if missing:
         if need_more:
             raise NeedMore
-        return Ignored(IgnoredKind.NO_SERIES, "missing " + ", ".join(missing))
+        kind = IgnoredKind.TRUNCATED if ended_early else IgnoredKind.NO_SERIES
+        return Ignored(kind, "missing " + ", ".join(missing))
 
-    description = _text(ds, "SeriesDescription") or _text(ds, "ProtocolName")
-    if any(token in description.lower() for token in _phi_tokens(ds)):
+    description = values.get("series_description") or values.get("protocol_name", "")
+    if any(token in description.lower() for token in _phi_tokens(values)):
         # Never let a patient identifier typed into the description reach an output file name.
         description = ""
-    image_type_raw = ds.get("ImageType")
-    if image_type_raw is None:
-        image_type: tuple[str, ...] = ()
-    elif isinstance(image_type_raw, str):
-        image_type = (image_type_raw,)
-    else:
-        image_type = tuple(str(v) for v in image_type_raw)
+    image_type = tuple(v.strip() for v in values.get("image_type", "").split("\\") if v.strip())
     return DicomHeader(
         series_uid=series_uid,
         sop_class_uid=sop_class,
         sop_instance_uid=sop_uid,
-        series_number=_series_number(ds.get("SeriesNumber")),
-        modality=_text(ds, "Modality"),
+        series_number=_series_number(values.get("series_number")),
+        modality=values.get("modality", ""),
         series_description=description,
         image_type=image_type,
     )
 
 
-def _series_number(raw: Any) -> int | None:
+def _phi_tokens(values: Mapping[str, str]) -> list[str]:
+    tokens: list[str] = []
+    for key in ("patient_name", "patient_id", "patient_birth_date", "other_patient_ids"):
+        raw = values.get(key, "")
+        for part in raw.replace("^", " ").replace("=", " ").replace("\\", " ").split():
+            if len(part) >= 3:
+                tokens.append(part.lower())
+    return tokens
+
+
+def _series_number(raw: str | None) -> int | None:
     try:
-        return int(raw) if raw not in (None, "") else None
+        return int(float(raw)) if raw else None
     except (TypeError, ValueError):
         return None
 

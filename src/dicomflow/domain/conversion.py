@@ -18,6 +18,7 @@ from dicomflow.domain.failures import (
     ConverterCrashed,
     DicomflowError,
     DiskFull,
+    SeriesChanged,
     TransientError,
 )
 
@@ -50,6 +51,28 @@ def console_warnings(console: str, limit: int = 20) -> tuple[str, ...]:
         if len(seen) >= limit:
             break
     return tuple(seen)
+
+
+_CONVERTED = re.compile(r"^Convert (\d+) DICOM", re.MULTILINE)
+
+
+def converted_files(console: str) -> int:
+    """How many input files dcm2niix says it used ("Convert 96 DICOM as ...", once per output)."""
+    return sum(int(n) for n in _CONVERTED.findall(console))
+
+
+def check_input_count(console: str, expected: int) -> tuple[str, ...]:
+    """dcm2niix must not have used files that are not part of the series (a folder that changed while
+    it ran); using fewer is normal for some series (derived images) and only worth a warning."""
+    used = converted_files(console)
+    if used > expected:
+        raise SeriesChanged(
+            f"dcm2niix found {used} images where the series has {expected}: files were added to its folder "
+            "during conversion. It will be retried."
+        )
+    if 0 < used < expected:
+        return (f"dcm2niix used {used} of the {expected} files of this series",)
+    return ()
 
 
 def classify(exit_code: int, output_count: int, console: str) -> Classified:

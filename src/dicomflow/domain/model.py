@@ -316,13 +316,18 @@ def dead_letter(item: Item, now: float, failure: Failure) -> Item | None:
     )
 
 
-def redrive(item: Item, now: float) -> Item | None:
-    """dead_lettered → pending with a fresh attempt budget and a new task generation."""
+def redrive(item: Item, now: float, files: tuple[FileRef, ...] | None = None) -> Item | None:
+    """dead_lettered → pending with a fresh attempt budget, a new task generation and, when given, the
+    series' files as they are now (the user may have re-exported some)."""
     if item.state is not ItemState.DEAD_LETTERED:
         return None
+    files = item.files if files is None else files
     return replace(
         item,
         state=ItemState.PENDING,
+        files=files,
+        file_count=len(files),
+        bytes_total=sum(f.size for f in files),
         attempts=0,
         generation=item.generation + 1,
         finished_at=None,

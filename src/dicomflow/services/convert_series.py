@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from dicomflow.domain import model
-from dicomflow.domain.conversion import ConversionVerdict, classify
+from dicomflow.domain.conversion import ConversionVerdict, check_input_count, classify
 from dicomflow.domain.failures import DicomflowError, Failure, InvalidInput, SeriesTooLarge
 from dicomflow.domain.model import Batch, BatchStatus, ClaimOutcome, Item, OutputFile, Timings
 from dicomflow.domain.retry import Verdict, decide
@@ -160,17 +160,19 @@ def _convert_claimed(ctx: Context, batch: Batch, item: Item) -> ConvertResult:
     with tempfile.TemporaryDirectory(dir=ctx.work_dir, prefix=f"series-{item.item_id[:12]}-") as tmp:
         work = Path(tmp)
         started = time.monotonic()
-        ctx.source_for(batch.sources[0]).fetch(
+        input_dir = ctx.source_for(batch.sources[0]).fetch(
             item.files, work / "in", lambda d, t: ctx.progress(item.batch_id, item.item_id, "download", d, t)
         )
         downloaded = time.monotonic()
         ctx.progress(item.batch_id, item.item_id, "convert", 0, 1)
-        run = ctx.converter.convert(work / "in", work / "out", item.output_stem, batch.options)
+        run = ctx.converter.convert(input_dir, work / "out", item.output_stem, batch.options)
         converted = time.monotonic()
         classified = classify(run.exit_code, len(run.outputs), run.console)
         if classified.verdict is ConversionVerdict.NOTHING_TO_CONVERT:
             return _finish(ctx, item, skip_reason=classified.skip_reason, warnings=classified.warnings)
-        # Inputs are no longer needed: free the space before uploading (on Cloud Run it is memory).
+        warnings = classified.warnings + check_input_count(run.console, item.file_count)
+        # Downloaded inputs are no longer needed: free the space before uploading (on Cloud Run it is
+        # memory). Only our own scratch folder is removed, never a source folder used in place.
         shutil.rmtree(work / "in", ignore_errors=True)
         outputs = ctx.sink_for(batch.destination).publish(
             batch.destination,
@@ -181,7 +183,7 @@ def _convert_claimed(ctx: Context, batch: Batch, item: Item) -> ConvertResult:
         )
         uploaded = time.monotonic()
     timings = Timings(downloaded - started, converted - downloaded, uploaded - converted)
-    return _finish(ctx, item, outputs=outputs, timings=timings, warnings=classified.warnings)
+    return _finish(ctx, item, outputs=outputs, timings=timings, warnings=warnings)
 
 
 def _finish(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
 from dicomflow.domain import model
 from dicomflow.domain.failures import Conflict, Failure, InvalidInput
 from dicomflow.domain.model import BatchStatus, ItemState
+from dicomflow.domain.series import FileRef
 from dicomflow.events import Event
 from dicomflow.services.context import Context, event
 from dicomflow.services.expand import convert_task
@@ -63,6 +65,10 @@ def record_dead_letter(ctx: Context, batch_id: str, item_id: str, failure: Failu
     return changed
 
 
+def _redrive(item: model.Item, *, now: float, files: tuple[FileRef, ...]) -> model.Item | None:
+    return model.redrive(item, now, files)
+
+
 def retry_dead_letters(ctx: Context, batch_id: str) -> int:
     """Put every dead-lettered series of the batch back in the queue with a fresh attempt budget."""
     batch = ctx.store.get_batch(batch_id)
@@ -70,6 +76,7 @@ def retry_dead_letters(ctx: Context, batch_id: str) -> int:
         raise Conflict(
             f"batch {batch_id} is {batch.status.value}; only series of a running or completed batch can be retried"
         )
+    source = ctx.source_for(batch.sources[0])
     redriven = 0
     after = ""
     while True:
@@ -78,7 +85,8 @@ def retry_dead_letters(ctx: Context, batch_id: str) -> int:
             break
         tasks = []
         for item in page:
-            updated, changed = ctx.store.update_item(batch_id, item.item_id, lambda i: model.redrive(i, ctx.clock()))
+            change = functools.partial(_redrive, now=ctx.clock(), files=tuple(source.refresh(item.files)))
+            updated, changed = ctx.store.update_item(batch_id, item.item_id, change)
             if changed:
                 tasks.append(convert_task(updated))
                 redriven += 1

@@ -88,20 +88,60 @@ class LocalFolderSource:
                     )
 
     def read_prefix(self, ref: FileRef, size: int) -> bytes:
-        with open(ref.ref, "rb") as handle:  # noqa: PTH123 - hot path, Path() construction is measurable here
+        with open(ref.ref, "rb") as handle:
             return handle.read(size)
 
-    def fetch(self, refs: Sequence[FileRef], dest_dir: Path, progress: Progress | None = None) -> list[Path]:
-        """Link the series' files into `dest_dir` (symlinks: no copy, no extra disk), so dcm2niix sees
-        only this series even when the source folder mixes many."""
+    def refresh(self, refs: Sequence[FileRef]) -> list[FileRef]:
+        fresh: list[FileRef] = []
+        for ref in refs:
+            try:
+                fresh.append(FileRef(ref.ref, ref.path, Path(ref.ref).stat().st_size))
+            except FileNotFoundError:
+                continue
+        return fresh
+
+    def fetch(self, refs: Sequence[FileRef], dest_dir: Path, progress: Progress | None = None) -> Path:
+        """The folder dcm2niix should read. When the series' source folder holds exactly its files (the
+        usual nested layout) that folder is used as it is; otherwise (a flat export mixing series) the
+        files are linked into `dest_dir` — symlinks, no copy — so dcm2niix sees only this series."""
+        self._check_unchanged(refs)
+        folder = self._sole_folder(refs)
+        if folder is not None:
+            if progress:
+                progress(sum(r.size for r in refs), sum(r.size for r in refs))
+            return folder
         dest_dir.mkdir(parents=True, exist_ok=True)
-        paths: list[Path] = []
         total = sum(r.size for r in refs)
         done = 0
         for index, ref in enumerate(refs):
+            (dest_dir / f"{index:06d}.dcm").symlink_to(Path(ref.ref).resolve())
+            done += ref.size
+            if progress:
+                progress(done, total)
+        return dest_dir
+
+    @staticmethod
+    def _sole_folder(refs: Sequence[FileRef]) -> Path | None:
+        """The common folder of `refs` if it contains exactly those regular files (sub-folders are fine:
+        dcm2niix runs with -d 0)."""
+        parents = {os.path.dirname(r.ref) for r in refs}
+        if len(parents) != 1:
+            return None
+        folder = parents.pop()
+        wanted = {os.path.basename(r.ref) for r in refs}
+        try:
+            with os.scandir(folder) as entries:
+                present = {e.name for e in entries if e.is_file(follow_symlinks=True)}
+        except OSError:
+            return None
+        return Path(folder) if present == wanted else None
+
+    @staticmethod
+    def _check_unchanged(refs: Sequence[FileRef]) -> None:
+        for ref in refs:
             source = Path(ref.ref)
             try:
-                size = source.stat().st_size
+                size = os.stat(ref.ref).st_size
             except FileNotFoundError:
                 raise SeriesChanged(
                     "a file of this series disappeared since it was discovered; it will be retried "
@@ -111,16 +151,10 @@ class LocalFolderSource:
                 raise AccessDenied(f"cannot read {source} (permission denied); fix its permissions") from None
             if size != ref.size:
                 raise SeriesChanged(
-                    "a file of this series changed size since it was discovered (still being copied?); "
-                    "it will be retried"
+                    "a file of this series changed since it was discovered (still being copied?); it will be "
+                    "retried. If you replaced it on purpose, retry the series with `dicomflow dlq retry` "
+                    "or submit the folder again."
                 )
-            link = dest_dir / f"{index:06d}.dcm"
-            link.symlink_to(source.resolve())
-            paths.append(link)
-            done += size
-            if progress:
-                progress(done, total)
-        return paths
 
 
 class LocalFolderSink:
@@ -207,8 +241,19 @@ class LocalFolderSink:
         return DestinationNotWritable(f"cannot write to {where}: {exc.strerror}")
 
     def _copy_into_place(self, source: Path, target: Path) -> None:
+        """Durably put `source` at `target`: a rename when both are on one file system (the usual case:
+        the work folder lives in DEST/.dicomflow), else a copy to a temporary name and a rename."""
         temp = target.with_name(f".{target.name}.dicomflow-partial")
         try:
+            with source.open("rb+") as handle:
+                os.fsync(handle.fileno())  # dcm2niix does not sync; the state will soon say "succeeded"
+            try:
+                source.replace(target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+            else:
+                return
             with source.open("rb") as src, temp.open("wb") as dst:
                 shutil.copyfileobj(src, dst, _CHUNK)
                 dst.flush()

@@ -148,6 +148,10 @@ def _init_worker(factory: Callable[[Any], TaskRunner], factory_arg: Any) -> None
     _worker_runner = factory(factory_arg)
 
 
+def _warm_up() -> int:
+    return 0
+
+
 def _run_in_worker(queue: QueueName, payload: dict[str, Any], attempt: Attempt) -> int:
     if _worker_runner is None:  # pragma: no cover - the initializer always runs first
         raise RuntimeError("worker process not initialised")
@@ -183,27 +187,44 @@ class LocalRunner:
         self._policies = policies
         self._factory = runner_factory
         self._factory_arg = factory_arg
-        self._tick = on_idle_tick
+        self.on_idle_tick = on_idle_tick
         self._on_crash = on_crash
         self._poll = poll_seconds
         self._stop = threading.Event()
+        self._started: ProcessPoolExecutor | None = None
         self.stats = RunStats()
+
+    def start(self) -> None:
+        """Boot the worker processes now (they take a few hundred milliseconds), before `run`."""
+        if self._started is None:
+            self._started = self._pool()
+
+    def close(self) -> None:
+        """Stop worker processes started by `start` when `run` is never called (e.g. an error)."""
+        if self._started is not None:
+            self._started.shutdown(wait=True, cancel_futures=True)
+            self._started = None
 
     def stop(self) -> None:
         self._stop.set()
 
     def _pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the parent may run threads (progress display), and forking those is unsafe.
-        return ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=self._workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(self._factory, self._factory_arg),
         )
+        # The executor starts processes one at a time, as tasks arrive; start them all now so the
+        # first fan-out (expansion chunks) does not wait for interpreters to boot.
+        for _ in range(self._workers):
+            pool.submit(_warm_up)
+        return pool
 
     def run(self) -> RunStats:
         self._tasks.release_all_leases()
-        pool = self._pool()
+        pool, self._started = self._started or self._pool(), None
         inflight: dict[Future[int], LeasedTask] = {}
         try:
             while not self._stop.is_set():
@@ -217,8 +238,8 @@ class LocalRunner:
                     done, _ = wait(inflight, timeout=self._poll, return_when=FIRST_COMPLETED)
                     if self._collect(done, inflight):
                         pool = self._replace_broken_pool(pool, inflight)
-                if self._tick:
-                    self._tick()
+                if self.on_idle_tick:
+                    self.on_idle_tick()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return self.stats
