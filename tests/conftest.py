@@ -60,3 +60,9 @@ def local_ctx(make_settings: Callable[..., Settings]) -> Iterator[Context]:
         close = getattr(closable, "close", None)
         if close:
             close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests.support import emulators
+
+    emulators.stop_all()

@@ -50,6 +50,7 @@ class Settings:
     retry_max_doublings: int = _setting(4, "times the retry delay doubles before growing linearly")
 
     dispatch_deadline_seconds: int = _setting(1800, "Cloud Tasks dispatch deadline of convert tasks (max 1800)")
+    lease_margin_seconds: int = _setting(120, "a conversion's lease outlives the dispatch deadline by this much")
     convert_timeout_seconds: int = _setting(1500, "dcm2niix is stopped after this many seconds")
     memory_budget_mb: int = _setting(0, "refuse series needing more memory/disk than this (0 = no limit)")
     download_concurrency: int = _setting(16, "parallel downloads per series from Drive")
@@ -57,6 +58,8 @@ class Settings:
     max_batch_sources: int = _setting(100, "most source folders one batch may list")
     max_batch_series: int = _setting(50_000, "most series one batch may hold")
     idempotency_ttl_hours: int = _setting(24, "how long an Idempotency-Key is remembered")
+
+    allow_local_paths: bool = _setting(False, "accept local folder paths in the batch API (the dev stack only)")
 
     # cloud wiring (set by Terraform)
     project: str = _setting("", "Google Cloud project id")
@@ -73,6 +76,18 @@ class Settings:
     public_url: str = _setting("", "public base URL of the batches API (for status links)")
     tasks_service_account: str = _setting("", "service account whose OIDC token Cloud Tasks sends")
     tasks_emulator_host: str = _setting("", "host:port of gcloud-tasks-emulator (dev stack and tests only)")
+    tasks_emulator_python: str = _setting(
+        ".venv-tasks/bin/python", "Python of the virtualenv holding gcloud-tasks-emulator (dev stack only)"
+    )
+    reconcile_interval_seconds: int = _setting(
+        60, "how often the dev stack runs the reconciler (Cloud Scheduler: 10 min)"
+    )
+
+    # clients of the batch API (dicomflow submit/status in cloud mode)
+    api_url: str = _setting("", "base URL of the batch API; when set, submit/status talk to it")
+    api_token: str = _setting(
+        "", "bearer token for the batch API (default: an ID token from Google credentials)", secret=True
+    )
 
     # Google Drive
     drive_credentials: str = _setting("", "user OAuth token file for Drive (empty: the service's own identity)")
@@ -108,7 +123,7 @@ class Settings:
     def lease_seconds(self) -> float:
         """An attempt's lease outlives the dispatch deadline so that Cloud Tasks' re-dispatch of a slow
         attempt (GCP_FACTS gotcha 11) finds the item still leased and does not run it twice."""
-        return float(self.dispatch_deadline_seconds + 120)
+        return float(self.dispatch_deadline_seconds + self.lease_margin_seconds)
 
     def redacted(self) -> dict[str, Any]:
         return {
@@ -137,6 +152,13 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
             return int(raw)
         if kind in (float, "float"):
             return float(raw)
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("use true or false")
+            return text in ("true", "1", "yes")
         if kind in (Mode, "Mode"):
             return Mode(str(raw).lower())
         if kind in (LogFormat, "LogFormat"):
@@ -183,6 +205,8 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
         "must be between 15 and 1800 (Cloud Tasks limits)",
     ),
     ("convert_timeout_seconds", lambda v: v >= 1, "must be >= 1"),
+    ("lease_margin_seconds", lambda v: v >= 0, "must be >= 0"),
+    ("reconcile_interval_seconds", lambda v: v >= 1, "must be >= 1"),
     ("memory_budget_mb", lambda v: v >= 0, "must be >= 0"),
     ("download_concurrency", lambda v: 1 <= v <= 64, "must be between 1 and 64"),
     ("expand_chunk_files", lambda v: 10 <= v <= 5000, "must be between 10 and 5000"),

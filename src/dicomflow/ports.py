@@ -199,6 +199,9 @@ class StateStore(Protocol):
 
     def counters(self, batch_id: str) -> Counters: ...
 
+    def count_active(self, batch_id: str) -> int:
+        """Items still pending, running or retrying (one cheap query: is the batch done yet?)."""
+
     # items
     def add_items(self, items: Sequence[Item]) -> int:
         """Create items that do not exist yet (by batch_id, item_id); existing ones are left untouched.

@@ -256,3 +256,19 @@ def test_many_items_in_one_call(store: StateStore) -> None:
     items = _items(batch, 450, files_per_item=1)
     assert store.add_items(items) == 450
     assert store.counters("b1").series_total == 450
+
+
+def test_a_series_with_thousands_of_files_round_trips_and_can_change_its_files(store: StateStore) -> None:
+    # Firestore documents are limited to 1 MiB: long file lists (fMRI: one file per slice per volume)
+    # must survive storage intact, and a redrive that refreshes them must replace them completely.
+    batch, _ = store.create_batch(_batch())
+    (item,) = _items(batch, 1, files_per_item=4500)
+    store.add_items([item])
+    assert store.get_item("b1", item.item_id).files == item.files
+    store.update_item("b1", item.item_id, lambda i: model.dead_letter(i, 1.0, Failure("c", "r", True)))
+    fewer = tuple(replace(f, size=f.size + 1) for f in item.files[:2100])
+    redriven, changed = store.update_item("b1", item.item_id, lambda i: model.redrive(i, 2.0, fewer))
+    assert changed and redriven.files == fewer
+    stored = store.get_item("b1", item.item_id)
+    assert stored.files == fewer and stored.file_count == 2100
+    assert [i.files for i in store.list_items("b1")] == [fewer]

@@ -11,13 +11,15 @@ from dicomflow.events import Event
 from dicomflow.services.context import Context, event
 
 
-def maybe_complete(ctx: Context, batch_id: str) -> Batch:
-    """Mark the batch completed once every item is terminal.
+def maybe_complete(ctx: Context, batch_id: str) -> bool:
+    """Mark the batch completed once every item is terminal; True when the batch is (now) final.
 
     Called after every terminal transition. Each caller counts *after* its own write committed, so the
     last item to finish always sees all the others: no completion can be missed, and the conditional
-    batch update makes it happen once.
+    batch update makes it happen once. Until then it costs one count query.
     """
+    if ctx.store.count_active(batch_id):
+        return False
     counters = ctx.store.counters(batch_id)
     batch, changed = ctx.store.update_batch(batch_id, lambda b: model.complete_if_done(b, counters, ctx.clock()))
     if changed:
@@ -29,7 +31,7 @@ def maybe_complete(ctx: Context, batch_id: str) -> Batch:
             status=batch.status.value,
             data=counters.to_dict(),
         )
-    return batch
+    return batch.is_final
 
 
 @dataclass(frozen=True, slots=True)

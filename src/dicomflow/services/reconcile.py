@@ -69,7 +69,7 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
     restarted = completed = 0
     for batch in ctx.store.list_batches(limit=500, statuses=frozenset({BatchStatus.EXPANDING, BatchStatus.RUNNING})):
         if batch.status is BatchStatus.RUNNING:
-            completed += int(maybe_complete(ctx, batch.batch_id).is_final)
+            completed += int(maybe_complete(ctx, batch.batch_id))
         elif not all_leases_expired and now - batch.updated_at > EXPANSION_STALL_SECONDS:
             # Locally, expansion tasks persist in the queue; in the cloud one may have been dropped.
             # A new task id, and touching the batch so the next run waits another full period.

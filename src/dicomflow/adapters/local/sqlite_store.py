@@ -192,6 +192,13 @@ class SqliteStateStore:
         rows = self._read("SELECT state, COUNT(*) AS n FROM items WHERE batch_id = ? GROUP BY state", (batch_id,))
         return Counters.from_states({ItemState(r["state"]): int(r["n"]) for r in rows})
 
+    def count_active(self, batch_id: str) -> int:
+        rows = self._read(
+            "SELECT COUNT(*) AS n FROM items WHERE batch_id = ? AND state IN ('pending', 'running', 'retrying')",
+            (batch_id,),
+        )
+        return int(rows[0]["n"])
+
     # --- items -----------------------------------------------------------------------------------------
 
     def add_items(self, items: Sequence[Item]) -> int:

@@ -1,0 +1,302 @@
+"""The dev stack on loopback: Firestore emulator, Cloud Tasks emulator, the functions and the worker.
+
+Used by `dicomflow dev` and by the emulator/e2e test tiers. Every component is a real process started
+the way production runs it: the official Firestore emulator, gcloud-tasks-emulator (its own virtualenv:
+it pins an old protobuf), functions-framework serving the real entry points of functions/main.py, and
+the worker started with the exact CMD of container/Dockerfile. Each runs in its own process group,
+stopped as a group (the Firestore emulator's wrapper spawns a JVM that outlives a plain kill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicomflow.config import Settings, env_name
+from dicomflow.domain.failures import ConfigError
+
+PROJECT = "dicomflow-dev"
+REGION = "us-central1"
+REPO = Path(__file__).resolve().parents[2]
+FUNCTIONS = ("batches_api", "expand_task", "dead_letter_task", "drive_changes_task", "reconcile", "renew_channels",
+             "drive_webhook")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Managed:
+    """A child process in its own process group, with its output in a log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once: a crash or an OOM kill, as far as the others can tell."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_process(name: str, args: list[str], log_dir: Path, *, env: Mapping[str, str] | None = None,
+                  cwd: Path | None = None) -> Managed:  # fmt: skip
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return Managed(name, process, log_path)
+
+
+def wait_http(url: str, managed: Managed, timeout: float, expect: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if managed.process.poll() is not None:
+            raise ConfigError(f"{managed.name} exited with code {managed.process.returncode}:\n{managed.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL we built
+                body = response.read().decode(errors="replace")
+                if expect is None or expect in body:
+                    return
+        except urllib.error.HTTPError:
+            return  # the server answers: it is up (the path may simply not exist)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.2)
+    managed.stop()
+    raise ConfigError(f"{managed.name} did not come up within {timeout:.0f} s:\n{managed.tail()}")
+
+
+def wait_port(port: int, managed: Managed, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if managed.process.poll() is not None:
+            raise ConfigError(f"{managed.name} exited with code {managed.process.returncode}:\n{managed.tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    managed.stop()
+    raise ConfigError(f"{managed.name} did not open port {port} within {timeout:.0f} s:\n{managed.tail()}")
+
+
+def firestore_emulator_available() -> bool:
+    return shutil.which("gcloud") is not None and shutil.which("java") is not None
+
+
+def start_firestore(log_dir: Path, port: int | None = None) -> tuple[Managed, str]:
+    if not firestore_emulator_available():
+        raise ConfigError(
+            "the Firestore emulator needs gcloud and Java: install google-cloud-cli-firestore-emulator "
+            "(make tools does it)"
+        )
+    port = port or free_port()
+    host = f"127.0.0.1:{port}"
+    managed = start_process(
+        "firestore-emulator", ["gcloud", "emulators", "firestore", "start", f"--host-port={host}", "--quiet"], log_dir
+    )
+    wait_http(f"http://{host}/", managed, timeout=120, expect="Ok")
+    return managed, host
+
+
+def reset_firestore(host: str, project: str) -> None:
+    """Delete every document of `project` in the emulator (GCP_FACTS §5)."""
+    url = f"http://{host}/emulator/v1/projects/{project}/databases/(default)/documents"
+    request = urllib.request.Request(url, method="DELETE")
+    with urllib.request.urlopen(request, timeout=30):  # noqa: S310
+        pass
+
+
+def queue_ids(settings: Settings) -> list[str]:
+    return [settings.queue_convert, settings.queue_dead_letter, settings.queue_expand, settings.queue_changes]
+
+
+def start_tasks_emulator(
+    python: str, log_dir: Path, project: str, queues: list[str], *, max_retries: int, port: int | None = None
+) -> tuple[Managed, str]:
+    if not Path(python).exists():
+        raise ConfigError(
+            f"gcloud-tasks-emulator is not installed at {python}; run `make tools` (it lives in its own virtualenv)"
+        )
+    port = port or free_port()
+    args = [python, "-m", "gcloud_tasks_emulator", "start", f"--port={port}", f"--max-retries={max_retries}"]
+    for queue in queues:
+        args.append(f"--default-queue=projects/{project}/locations/{REGION}/queues/{queue}")
+    managed = start_process("tasks-emulator", args, log_dir)
+    wait_port(port, managed, timeout=60)
+    return managed, f"127.0.0.1:{port}"
+
+
+def dockerfile_cmd() -> list[str]:
+    """The exact CMD of container/Dockerfile (exec form), so the dev stack runs what the image runs."""
+    for line in (REPO / "container" / "Dockerfile").read_text().splitlines():
+        if line.strip().startswith("CMD "):
+            command = json.loads(line.strip()[4:])
+            if not isinstance(command, list):
+                break
+            return [str(part) for part in command]
+    raise ConfigError("container/Dockerfile has no exec-form CMD")
+
+
+def _venv_bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@dataclass
+class DevStack:
+    settings_env: dict[str, str]
+    urls: dict[str, str]
+    processes: dict[str, Managed] = field(default_factory=dict)
+    firestore_host: str = ""
+    tasks_host: str = ""
+    log_dir: Path = Path()
+
+    @property
+    def api_url(self) -> str:
+        return self.urls["batches_api"]
+
+    def stop(self) -> None:
+        for managed in reversed(list(self.processes.values())):
+            managed.stop()
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or killed component again on its port (Cloud Run replacing an instance)."""
+        old = self.processes[name]
+        old.stop()
+        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir)
+
+
+def _start_app(name: str, env: Mapping[str, str], urls: Mapping[str, str], log_dir: Path) -> Managed:
+    port = int(urls[name].rsplit(":", 1)[1].split("/")[0])
+    child_env = {**os.environ, **env, "PORT": str(port)}
+    if name == "worker":
+        # The image runs the installed package; here the same command runs in this virtualenv.
+        command = dockerfile_cmd()
+        command[0] = _venv_bin(command[0])
+        managed = start_process("worker", command, log_dir, env=child_env, cwd=REPO / "container")
+    else:
+        args = [_venv_bin("functions-framework"), f"--target={name}", f"--source={REPO / 'functions' / 'main.py'}",
+                f"--port={port}", "--host=127.0.0.1"]  # fmt: skip
+        managed = start_process(f"function-{name}", args, log_dir, env=child_env)
+    wait_port(port, managed, timeout=60)
+    return managed
+
+
+@contextlib.contextmanager
+def dev_stack(
+    settings: Settings,
+    log_dir: Path,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    tasks_max_retries: int | None = None,
+    firestore_host: str = "",
+    reconcile_loop: bool = True,
+) -> Iterator[DevStack]:
+    """Start everything; stop everything on exit. `firestore_host` reuses a running emulator."""
+    stack = DevStack(settings_env={}, urls={}, log_dir=log_dir)
+    try:
+        if firestore_host:
+            stack.firestore_host = firestore_host
+        else:
+            managed, stack.firestore_host = start_firestore(log_dir)
+            stack.processes["firestore"] = managed
+        retries = settings.retry_max_attempts - 1 if tasks_max_retries is None else tasks_max_retries
+        managed, stack.tasks_host = start_tasks_emulator(
+            settings.tasks_emulator_python, log_dir, PROJECT, queue_ids(settings), max_retries=retries
+        )
+        stack.processes["tasks"] = managed
+        stack.urls = {name: f"http://127.0.0.1:{free_port()}/" for name in (*FUNCTIONS, "worker")}
+        env = {
+            env_name("mode"): "cloud",
+            env_name("project"): PROJECT,
+            env_name("region"): REGION,
+            env_name("tasks_emulator_host"): stack.tasks_host,
+            env_name("allow_local_paths"): "true",
+            env_name("log_format"): "json",
+            env_name("worker_url"): stack.urls["worker"],
+            env_name("expand_url"): stack.urls["expand_task"],
+            env_name("dead_letter_url"): stack.urls["dead_letter_task"],
+            env_name("changes_url"): stack.urls["drive_changes_task"],
+            env_name("public_url"): stack.urls["batches_api"].rstrip("/"),
+            env_name("webhook_url"): stack.urls["drive_webhook"],
+            "FIRESTORE_EMULATOR_HOST": stack.firestore_host,
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+        }
+        for f in (
+            "retry_max_attempts", "retry_min_backoff_seconds", "retry_max_backoff_seconds", "retry_max_doublings",
+            "dispatch_deadline_seconds", "convert_timeout_seconds", "lease_margin_seconds", "settle_seconds",
+            "webhook_token", "drive_endpoint", "work_dir",
+        ):  # fmt: skip
+            value = getattr(settings, f)
+            if value not in ("", None):
+                env[env_name(f)] = str(value)
+        env.update(extra_env or {})
+        stack.settings_env = env
+        for name in (*FUNCTIONS, "worker"):
+            stack.processes[name] = _start_app(name, env, stack.urls, log_dir)
+        stop = threading.Event()
+        loop = None
+        if reconcile_loop:
+            loop = threading.Thread(
+                target=_reconcile_loop, args=(stack, settings.reconcile_interval_seconds, stop), daemon=True
+            )
+            loop.start()
+        try:
+            yield stack
+        finally:
+            stop.set()
+            if loop is not None:
+                loop.join(timeout=5)
+    finally:
+        stack.stop()
+
+
+def _reconcile_loop(stack: DevStack, interval: float, stop: threading.Event) -> None:
+    """Cloud Scheduler's job in the dev stack: POST to the reconcile function every `interval` seconds."""
+    while not stop.wait(interval):
+        request = urllib.request.Request(stack.urls["reconcile"], data=b"{}", method="POST",  # noqa: S310
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            urllib.request.urlopen(request, timeout=60).close()  # noqa: S310

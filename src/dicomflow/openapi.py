@@ -1,0 +1,295 @@
+"""The OpenAPI 3.1 document of the batch API (served at GET /openapi.json; a copy is kept in
+docs/openapi.json and a test keeps both identical). Schemathesis runs against it in the test suite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+_BATCH_ID = {
+    "name": "batch_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+}
+
+
+def _problems(*codes: int) -> dict[str, Any]:
+    return {str(code): _PROBLEM for code in codes}
+
+
+def document() -> dict[str, Any]:
+    counters = {
+        "type": "object",
+        "properties": {
+            name: {"type": "integer", "minimum": 0}
+            for name in ("series_total", "pending", "running", "retrying", "succeeded", "skipped", "dead_lettered")
+        },
+        "required": ["series_total", "succeeded", "skipped", "dead_lettered"],
+    }
+    failure = {
+        "type": ["object", "null"],
+        "properties": {
+            "code": {"type": "string"},
+            "reason": {"type": "string", "description": "what happened and what to do, in plain language"},
+            "permanent": {"type": "boolean"},
+            "detail": {"type": "string"},
+        },
+        "required": ["code", "reason", "permanent"],
+    }
+    batch = {
+        "type": "object",
+        "properties": {
+            "batch_id": {"type": "string"},
+            "status": {
+                "type": "string",
+                "enum": ["expanding", "running", "completed", "completed_with_failures", "cancelled", "failed"],
+            },
+            "label": {"type": "string"},
+            "source": {"type": "array", "items": {"type": "string"}},
+            "destination": {"type": "string"},
+            "options": {"$ref": "#/components/schemas/Options"},
+            "force": {"type": "boolean"},
+            "created_at": {"type": "number", "description": "Unix time, seconds"},
+            "expanded_at": {"type": ["number", "null"]},
+            "finished_at": {"type": ["number", "null"]},
+            "counters": {"$ref": "#/components/schemas/Counters"},
+            "files_seen": {"type": "integer"},
+            "files_ignored": {"type": "integer", "description": "files that were not DICOM images"},
+            "failure": {"$ref": "#/components/schemas/Failure"},
+        },
+        "required": ["batch_id", "status", "counters"],
+    }
+    item = {
+        "type": "object",
+        "properties": {
+            "item_id": {"type": "string"},
+            "state": {
+                "type": "string",
+                "enum": ["pending", "running", "retrying", "succeeded", "skipped", "dead_lettered"],
+            },
+            "series_number": {"type": ["integer", "null"]},
+            "modality": {"type": "string"},
+            "description": {"type": "string"},
+            "folder": {"type": "string"},
+            "files": {"type": "integer"},
+            "bytes": {"type": "integer"},
+            "attempts": {"type": "integer"},
+            "timings": {"type": "object"},
+            "outputs": {"type": "array", "items": {"type": "object"}},
+            "warnings": {"type": "array", "items": {"type": "string"}},
+            "failure": {"$ref": "#/components/schemas/Failure"},
+            "skip_reason": {"type": "string"},
+        },
+        "required": ["item_id", "state"],
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "dicomflow batch API",
+            "version": "1.0.0",
+            "description": "Submit DICOM folders for conversion to NIfTI, follow progress, retry or cancel. "
+            "Errors are application/problem+json (RFC 9457) and name the offending `field`.",
+        },
+        "paths": {
+            "/batches": {
+                "post": {
+                    "operationId": "submitBatch",
+                    "summary": "Submit a batch; answered at once, expansion continues in tasks",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                            "description": "a repeated submission with the same key returns the same batch",
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}},
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "accepted",
+                            "headers": {"Location": {"schema": {"type": "string"}}},
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+                        },
+                        **_problems(400, 409, 413, 415, 422, 503),
+                    },
+                },
+                "get": {
+                    "operationId": "listBatches",
+                    "summary": "The latest batches",
+                    "parameters": [
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "batches, newest first",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "batches": {
+                                                "type": "array",
+                                                "items": {"$ref": "#/components/schemas/Batch"},
+                                            }
+                                        },
+                                        "required": ["batches"],
+                                    }
+                                }
+                            },
+                        },
+                        **_problems(422, 503),
+                    },
+                },
+            },
+            "/batches/{batch_id}": {
+                "get": {
+                    "operationId": "getBatch",
+                    "summary": "Counters, state, ETA, failures with reasons, and a page of series",
+                    "parameters": [
+                        _BATCH_ID,
+                        {
+                            "name": "page_size",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                        },
+                        {"name": "page_token", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": item["properties"]["state"]["enum"]},  # type: ignore[index]
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the batch",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchStatus"}}},
+                        },
+                        **_problems(404, 422, 503),
+                    },
+                }
+            },
+            "/batches/{batch_id}:retry-dead-letters": {
+                "post": {
+                    "operationId": "retryDeadLetters",
+                    "summary": "Re-enqueue the dead-lettered series (after fixing their cause)",
+                    "parameters": [_BATCH_ID],
+                    "responses": {
+                        "202": {
+                            "description": "re-enqueued",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {"batch_id": {"type": "string"}, "redriven": {"type": "integer"}},
+                                        "required": ["batch_id", "redriven"],
+                                    }
+                                }
+                            },
+                        },
+                        **_problems(404, 409, 503),
+                    },
+                }
+            },
+            "/batches/{batch_id}:cancel": {
+                "post": {
+                    "operationId": "cancelBatch",
+                    "summary": "Cancel: series not started yet are skipped, running ones finish",
+                    "parameters": [_BATCH_ID],
+                    "responses": {
+                        "202": {
+                            "description": "cancelled",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Batch"}}},
+                        },
+                        **_problems(404, 409, 503),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Options": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "compress": {
+                            "type": "boolean",
+                            "default": True,
+                            "description": "write .nii.gz (dcm2niix -z y)",
+                        },
+                        "merge_2d": {"type": "string", "enum": ["auto", "yes", "no"], "default": "auto"},
+                    },
+                },
+                "BatchRequest": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["source", "destination"],
+                    "properties": {
+                        "source": {
+                            "description": "drive://FOLDER_ID (or a local absolute path in local mode), or a list",
+                            "oneOf": [
+                                {"type": "string", "minLength": 1},
+                                {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                            ],
+                        },
+                        "destination": {"type": "string", "minLength": 1},
+                        "options": {"$ref": "#/components/schemas/Options"},
+                        "label": {"type": "string", "maxLength": 200},
+                        "force": {"type": "boolean", "description": "convert again even if already converted"},
+                    },
+                },
+                "Accepted": {
+                    "type": "object",
+                    "required": ["batch_id", "status", "status_url", "created"],
+                    "properties": {
+                        "batch_id": {"type": "string"},
+                        "status": {"type": "string"},
+                        "status_url": {"type": "string"},
+                        "created": {"type": "boolean", "description": "false when an Idempotency-Key matched"},
+                    },
+                },
+                "Counters": counters,
+                "Failure": failure,
+                "Batch": batch,
+                "Item": item,
+                "BatchStatus": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Batch"},
+                        {
+                            "type": "object",
+                            "properties": {
+                                "status_url": {"type": "string"},
+                                "eta_seconds": {"type": ["number", "null"]},
+                                "failures": {"type": "array", "items": {"$ref": "#/components/schemas/Item"}},
+                                "items": {"type": "array", "items": {"$ref": "#/components/schemas/Item"}},
+                                "next_page_token": {"type": "string"},
+                            },
+                            "required": ["failures", "items", "next_page_token"],
+                        },
+                    ]
+                },
+                "Problem": {
+                    "type": "object",
+                    "required": ["title", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "field": {"type": "string", "description": "the request field at fault"},
+                        "errors": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+            },
+            "responses": {
+                "Problem": {
+                    "description": "an error, as RFC 9457 problem details",
+                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+                }
+            },
+        },
+    }
