@@ -7,6 +7,8 @@ dead-lettered (see `dicomflow dlq list`); 1 = usage or configuration error, or n
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -210,13 +212,37 @@ def _read_context(settings: Settings) -> Any:
     return bootstrap.build(settings)
 
 
+API_OPTION = click.option("--api", "api_url", metavar="URL", help=describe("api_url"))
+
+
+def _api(api_url: str | None) -> Any:
+    from dicomflow.api_client import ApiClient
+
+    settings = _settings()
+    url = api_url or settings.api_url
+    if not url:
+        return None
+    try:
+        return ApiClient(url, settings.api_token)
+    except DicomflowError as exc:
+        fail(exc.reason)
+
+
 @main.command()
 @click.argument("batch_id", required=False)
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+@API_OPTION
 @click.option("--watch", is_flag=True, help="Refresh every 2 seconds until the batch finishes.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def status(batch_id: str | None, state_path: str | None, watch: bool, as_json: bool) -> None:
-    """Show the latest batches, or one batch with its counters and failures."""
+def status(batch_id: str | None, state_path: str | None, api_url: str | None, watch: bool, as_json: bool) -> None:
+    """Show the latest batches, or one batch with its counters and failures.
+
+    Reads the local state (as written by `dicomflow convert`), or the batch API with --api URL
+    (or DICOMFLOW_API_URL).
+    """
+    api = _api(api_url)
+    if api is not None:
+        sys.exit(_remote_status(api, batch_id, watch, as_json))
     ctx = _read_context(_local_session_settings(state_path))
     try:
         if batch_id is None:
@@ -244,6 +270,157 @@ def status(batch_id: str | None, state_path: str | None, watch: bool, as_json: b
     else:
         print_summary(sys.stdout, batch, failures)
     sys.exit(_exit_code(batch) if batch.is_final else EXIT_OK)
+
+
+def _remote_exit(data: dict[str, Any]) -> int:
+    if data["status"] == "failed":
+        return EXIT_USAGE
+    if data["counters"]["dead_lettered"]:
+        return EXIT_DEAD_LETTERS
+    return EXIT_OK if data["status"] in ("completed", "cancelled") else EXIT_INTERRUPTED
+
+
+FINAL_STATUSES = ("completed", "completed_with_failures", "cancelled", "failed")
+
+
+def _watch_remote(api: Any, batch_id: str) -> dict[str, Any]:
+    while True:
+        data: dict[str, Any] = api.status(batch_id, page_size="1")
+        if data["status"] in FINAL_STATUSES:
+            return api.status(batch_id)  # type: ignore[no-any-return]
+        c = data["counters"]
+        eta = f", about {data['eta_seconds']:.0f} s left" if data.get("eta_seconds") else ""
+        click.echo(
+            f"{time.strftime('%H:%M:%S')} {data['status']}: {c['succeeded'] + c['skipped'] + c['dead_lettered']}/"
+            f"{c['series_total']} finished, {c['running']} running, {c['dead_lettered']} dead-lettered{eta}",
+            err=True,
+        )
+        time.sleep(2)
+
+
+def _remote_status(api: Any, batch_id: str | None, watch: bool, as_json: bool) -> int:
+    from dicomflow.ui import print_remote_summary
+
+    try:
+        if batch_id is None:
+            batches = api.batches()
+            if as_json:
+                print_json(sys.stdout, batches)
+            else:
+                for b in batches:
+                    c = b["counters"]
+                    click.echo(f"{b['batch_id']}  {b['status']:<24} {c['succeeded']}/{c['series_total']} ok, "
+                               f"{c['dead_lettered']} dead  {b['label']}")  # fmt: skip
+            return EXIT_OK
+        data = _watch_remote(api, batch_id) if watch else api.status(batch_id)
+    except DicomflowError as exc:
+        fail(exc.reason)
+    if as_json:
+        print_json(sys.stdout, data)
+    else:
+        print_remote_summary(sys.stdout, data)
+    return _remote_exit(data) if data["status"] in FINAL_STATUSES else EXIT_OK
+
+
+@main.command()
+@click.argument("source", nargs=-1, required=True)
+@click.argument("destination")
+@API_OPTION
+@click.option("--label", default="", help="A name for this batch, shown by `dicomflow status`.")
+@click.option("--force", is_flag=True, help="Convert every series again, even those already converted.")
+@click.option("--no-compress", is_flag=True, help="Write .nii instead of .nii.gz (dcm2niix -z n).")
+@click.option("--merge-2d", type=click.Choice(ConversionOptions.MERGE_CHOICES), default="auto", show_default=True,
+              help="dcm2niix -m.")  # fmt: skip
+@click.option("--idempotency-key", default="", help="Repeat a submission safely: the same key returns the same batch.")
+@click.option("--wait", is_flag=True, help="Follow the batch until it finishes (like status --watch).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def submit(
+    source: tuple[str, ...], destination: str, api_url: str | None, label: str, force: bool, no_compress: bool,
+    merge_2d: str, idempotency_key: str, wait: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Submit SOURCE folder(s) for conversion into DESTINATION through the batch API (cloud mode).
+
+    Folders are drive://FOLDER_ID, or local paths when the API runs in the dev stack
+    (`dicomflow dev`). The API answers at once; conversion continues in the cloud.
+    """
+    api = _api(api_url)
+    if api is None:
+        fail("submit needs the batch API: pass --api URL or set DICOMFLOW_API_URL (for a local run use convert)")
+    sources = [_location(s, "source").uri for s in source]
+    body: dict[str, Any] = {
+        "source": sources if len(sources) > 1 else sources[0],
+        "destination": _location(destination, "destination").uri,
+        "options": {"compress": not no_compress, "merge_2d": merge_2d},
+        "label": label,
+        "force": force,
+    }
+    try:
+        accepted = api.submit(body, idempotency_key)
+    except DicomflowError as exc:
+        fail(exc.reason)
+    click.echo(f"batch {accepted['batch_id']} accepted: {accepted['status_url']}", err=True)
+    if not wait:
+        if as_json:
+            print_json(sys.stdout, accepted)
+        sys.exit(EXIT_OK)
+    sys.exit(_remote_status(api, accepted["batch_id"], True, as_json))
+
+
+@main.command()
+@click.argument("batch_id")
+@API_OPTION
+def cancel(batch_id: str, api_url: str | None) -> None:
+    """Cancel a batch in the cloud: series not started yet are skipped, running ones finish."""
+    api = _api(api_url)
+    if api is None:
+        fail("cancel needs the batch API: pass --api URL or set DICOMFLOW_API_URL (stop a local run with Ctrl-C)")
+    try:
+        data = api.cancel(batch_id)
+    except DicomflowError as exc:
+        fail(exc.reason)
+    click.echo(f"batch {batch_id} {data['status']}")
+
+
+@main.command()
+def openapi() -> None:
+    """Print the batch API's OpenAPI document (JSON)."""
+    from dicomflow.openapi import document
+
+    click.echo(json.dumps(document(), indent=2, sort_keys=True))
+
+
+@main.command()
+@click.option("--logs", "log_dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".dicomflow-dev"),
+              show_default=True, help="Where the components write their logs.")  # fmt: skip
+def dev(log_dir: Path) -> None:
+    """Run the cloud path on loopback: Firestore and Cloud Tasks emulators, the functions, the worker.
+
+    Then use `dicomflow submit LOCAL_SOURCE LOCAL_DEST --api URL` and `dicomflow status --watch --api URL`
+    exactly as against a deployment. Stop with Ctrl-C.
+    """
+    from dicomflow import devstack
+
+    def stop_on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # `kill` stops the stack as cleanly as Ctrl-C: no orphaned emulators
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    settings = _settings()
+    click.echo("starting the dev stack (the Firestore emulator takes a few seconds)...", err=True)
+    try:
+        with devstack.dev_stack(settings, log_dir.resolve()) as stack:
+            click.echo(f"batch API:   {stack.api_url}")
+            for name, url in sorted(stack.urls.items()):
+                click.echo(f"  {name:<20} {url}")
+            click.echo(f"firestore:   {stack.firestore_host}   cloud tasks: {stack.tasks_host}")
+            click.echo(f"logs:        {log_dir.resolve()}")
+            click.echo(f"\n  export DICOMFLOW_API_URL={stack.api_url.rstrip('/')}\n")
+            click.echo("ready; press Ctrl-C to stop")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    except DicomflowError as exc:
+        fail(exc.reason)
 
 
 def _dead() -> Any:
@@ -276,9 +453,26 @@ def dlq() -> None:
 @dlq.command("list")
 @click.argument("batch_id", required=False)
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+@API_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def dlq_list(batch_id: str | None, state_path: str | None, as_json: bool) -> None:
+def dlq_list(batch_id: str | None, state_path: str | None, api_url: str | None, as_json: bool) -> None:
     """List dead-lettered series of one batch (or of the latest batches) with their reasons."""
+    api = _api(api_url)
+    if api is not None:
+        if batch_id is None:
+            fail("with --api, give the BATCH_ID")
+        try:
+            failures = api.status(batch_id, state="dead_lettered", page_size="500")["items"]
+        except DicomflowError as exc:
+            fail(exc.reason)
+        if as_json:
+            print_json(sys.stdout, failures)
+        for item in failures:
+            click.echo(f"{batch_id}  {item['item_id'][:12]}  series {item.get('series_number') or ''} "
+                       f"{item.get('description', '')}: {(item.get('failure') or {}).get('reason', '')}")  # fmt: skip
+        if not failures:
+            click.echo("no dead-lettered series")
+        return
     ctx = _read_context(_local_session_settings(state_path))
     try:
         batches = [ctx.store.get_batch(batch_id)] if batch_id else ctx.store.list_batches(limit=20)
@@ -303,11 +497,24 @@ def dlq_list(batch_id: str | None, state_path: str | None, as_json: bool) -> Non
 @dlq.command("retry")
 @click.argument("batch_id")
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+@API_OPTION
 @click.option("--workers", type=int, help=describe("workers"))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output; only the summary.")
-def dlq_retry(batch_id: str, state_path: str | None, workers: int | None, as_json: bool, quiet: bool) -> None:
-    """Re-enqueue the dead-lettered series of BATCH_ID with a fresh attempt budget and convert them."""
+def dlq_retry(
+    batch_id: str, state_path: str | None, api_url: str | None, workers: int | None, as_json: bool, quiet: bool
+) -> None:
+    """Re-enqueue the dead-lettered series of BATCH_ID with a fresh attempt budget and convert them.
+
+    Locally this runs the conversions now; with --api it asks the cloud to (follow with status --watch)."""
+    api = _api(api_url)
+    if api is not None:
+        try:
+            result = api.retry_dead_letters(batch_id)
+        except DicomflowError as exc:
+            fail(exc.reason)
+        click.echo(f"re-enqueued {result['redriven']} series of batch {batch_id}")
+        sys.exit(EXIT_OK)
     base = _local_session_settings(state_path)
     settings = _settings(mode=Mode.LOCAL, state_path=base.state_path, workers=workers)
 

@@ -153,12 +153,7 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
         if kind in (float, "float"):
             return float(raw)
         if kind in (bool, "bool"):
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).lower()
-            if text not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError("use true or false")
-            return text in ("true", "1", "yes")
+            return _boolean(raw)
         if kind in (Mode, "Mode"):
             return Mode(str(raw).lower())
         if kind in (LogFormat, "LogFormat"):
@@ -166,6 +161,15 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
         return str(raw)
     except ValueError as exc:
         raise ConfigError(f"{env_name(name)}={raw!r} is not a valid value: {exc}") from exc
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("use true or false")
+    return text in ("true", "1", "yes")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

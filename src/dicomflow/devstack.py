@@ -156,6 +156,8 @@ def queue_ids(settings: Settings) -> list[str]:
 def start_tasks_emulator(
     python: str, log_dir: Path, project: str, queues: list[str], *, max_retries: int, port: int | None = None
 ) -> tuple[Managed, str]:
+    if not Path(python).is_absolute():
+        python = str(REPO / python)  # the default .venv-tasks/bin/python is relative to the repository
     if not Path(python).exists():
         raise ConfigError(
             f"gcloud-tasks-emulator is not installed at {python}; run `make tools` (it lives in its own virtualenv)"
@@ -207,15 +209,21 @@ class DevStack:
         old.stop()
         self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir)
 
+    def add_worker(self, name: str) -> str:
+        """One more worker instance on its own port (Cloud Run scaling out); returns its URL."""
+        self.urls[name] = f"http://127.0.0.1:{free_port()}/"
+        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir)
+        return self.urls[name]
+
 
 def _start_app(name: str, env: Mapping[str, str], urls: Mapping[str, str], log_dir: Path) -> Managed:
     port = int(urls[name].rsplit(":", 1)[1].split("/")[0])
     child_env = {**os.environ, **env, "PORT": str(port)}
-    if name == "worker":
+    if name.startswith("worker"):
         # The image runs the installed package; here the same command runs in this virtualenv.
         command = dockerfile_cmd()
         command[0] = _venv_bin(command[0])
-        managed = start_process("worker", command, log_dir, env=child_env, cwd=REPO / "container")
+        managed = start_process(name, command, log_dir, env=child_env, cwd=REPO / "container")
     else:
         args = [_venv_bin("functions-framework"), f"--target={name}", f"--source={REPO / 'functions' / 'main.py'}",
                 f"--port={port}", "--host=127.0.0.1"]  # fmt: skip

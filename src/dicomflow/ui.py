@@ -184,3 +184,32 @@ def print_summary(out: IO[str], batch: Batch, failures: Sequence[Item], elapsed:
 
 def print_json(out: IO[str], data: Any) -> None:
     out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def print_remote_summary(out: IO[str], data: dict[str, Any]) -> None:
+    """The same summary as for a local batch, from the batch API's JSON."""
+    console = Console(file=out, highlight=False, width=max(100, Console(file=out).width))
+    c = data["counters"]
+    table = Table(title=f"batch {data['batch_id']} — {data['status']}", header_style="bold")
+    for column in ("series", "succeeded", "skipped", "dead-lettered", "running", "files seen", "files ignored"):
+        table.add_column(column, justify="right")
+    in_flight = c.get("running", 0) + c.get("retrying", 0)
+    cells = [c["series_total"], c["succeeded"], c["skipped"], c["dead_lettered"], in_flight,
+             data.get("files_seen", 0), data.get("files_ignored", 0)]  # fmt: skip
+    table.add_row(*(str(v) for v in cells))
+    console.print(table)
+    if data.get("eta_seconds"):
+        console.print(f"about {data['eta_seconds']:.0f} s left")
+    if data.get("failure"):
+        console.print(f"[red]batch failed:[/red] {data['failure']['reason']}")
+    failures = data.get("failures") or []
+    if failures:
+        dead = Table(title="dead-lettered series (fix the cause, then `dicomflow dlq retry`)", header_style="bold red")
+        for column in ("series", "folder", "attempts", "reason"):
+            dead.add_column(column, overflow="fold")
+        for item in failures:
+            number = "" if item.get("series_number") is None else str(item["series_number"])
+            reason = (item.get("failure") or {}).get("reason", "")
+            dead.add_row(f"{number} {item.get('description', '')}".strip() or item["item_id"][:8],
+                         item.get("folder") or ".", str(item.get("attempts", "")), reason)  # fmt: skip
+        console.print(dead)

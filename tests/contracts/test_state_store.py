@@ -99,6 +99,13 @@ def test_items_are_created_once_and_counters_follow_states(store: StateStore) ->
     items = _items(batch, 5)
     assert store.add_items(items) == 5
     assert store.add_items(items) == 0  # a redelivered expansion changes nothing
+    claimed, _ = store.update_item("b1", items[4].item_id, lambda i: model.claim(i, 1.0, 60, "w"))
+    assert store.add_items(items) == 0
+    assert store.get_item("b1", items[4].item_id) == claimed  # ...not even to an item a worker holds
+    store.update_item("b1", items[4].item_id, lambda i: model.release_orphan(i, 2.0, Failure("x", "y", False)))
+    store.update_item(
+        "b1", items[4].item_id, lambda i: model.redrive(model.dead_letter(i, 3.0, Failure("x", "y", True)) or i, 4.0)
+    )
     counters = store.counters("b1")
     assert (counters.series_total, counters.pending) == (5, 5)
     store.update_item("b1", items[0].item_id, lambda i: model.claim(i, 1.0, 60, "w"))

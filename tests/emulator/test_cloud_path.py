@@ -192,20 +192,16 @@ def test_reconciler_requeues_a_crashed_attempt_and_dead_letters_one_that_crashed
     batch = model.Batch("b", (parse_location("/in", field="s"),), parse_location("/out", field="d"),
                         ConversionOptions(), "", BatchStatus.EXPANDING, clock(), clock())  # fmt: skip
     store.create_batch(batch)
-    first_try, last_try = (
-        model.new_item(
-            batch, SeriesGroup(SeriesKey(f"1.{n}", "x"), (), (), "", n, "MR", "", output_stem=str(n)), f"f{n}", clock()
-        )  # fmt: skip
-        for n in (1, 2)
-    )
+    groups = [SeriesGroup(SeriesKey(f"1.{n}", "x"), (), (), "", n, "MR", "", output_stem=str(n)) for n in (1, 2)]
+    first_try, last_try = (model.new_item(batch, g, f"f{g.series_number}", clock()) for g in groups)
     store.add_items([first_try, last_try])
     store.update_batch("b", lambda b: model.finish_expansion(b, clock(), 0, 0, ()))
     lease = ctx.settings.lease_seconds
     # last_try: its first two attempts crashed (the reconciler re-released them), the third is running.
+    crash = Failure("worker_interrupted", "x", permanent=False)
     for _ in range(2):
         store.update_item("b", last_try.item_id, lambda i: model.claim(i, clock(), lease, "w"))
-        store.update_item("b", last_try.item_id,
-                          lambda i: model.release_orphan(i, clock(), Failure("worker_interrupted", "x", False)))  # fmt: skip
+        store.update_item("b", last_try.item_id, lambda i: model.release_orphan(i, clock(), crash))
     store.update_item("b", last_try.item_id, lambda i: model.claim(i, clock(), lease, "crashed-on-last"))
     store.update_item("b", first_try.item_id, lambda i: model.claim(i, clock(), lease, "crashed-on-first"))
 

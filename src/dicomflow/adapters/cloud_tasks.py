@@ -141,6 +141,14 @@ class CloudTasksQueue:
                         f"Cloud Tasks did not accept a task after {CREATE_ATTEMPTS} attempts ({type(exc).__name__})"
                     ) from exc
                 self._sleep(random.uniform(0, min(8.0, 0.25 * 2**attempt)))  # noqa: S311 - jitter, not crypto
+            except gexc.GoogleAPICallError as exc:
+                # Not retried here (PermissionDenied, NotFound queue, ...): a deployment problem an operator
+                # must fix. Transient for the caller, so its own task is retried once IAM is corrected.
+                raise ServiceUnavailable(
+                    f"Cloud Tasks refused a task for the {task.queue.value} queue ({type(exc).__name__}: "
+                    f"{exc.message}); check that the queue exists and that this service account has "
+                    "roles/cloudtasks.enqueuer and iam.serviceAccountUser on the tasks service account"
+                ) from exc
             else:
                 with self._lock:
                     self.created += 1

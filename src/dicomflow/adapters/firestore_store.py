@@ -129,10 +129,6 @@ class FirestoreStateStore:
             files = tuple(collected)
         return codec.item_from_dict(data, files)
 
-    def _write_item(self, writer: Any, ref: Any, item: Item) -> None:
-        writer.set(ref, self._item_doc(item))
-        self._write_file_chunks(writer, ref, item)
-
     @staticmethod
     def _write_file_chunks(writer: Any, ref: Any, item: Item) -> None:
         if len(item.files) <= FILES_INLINE:
@@ -252,24 +248,33 @@ class FirestoreStateStore:
     # --- items ---------------------------------------------------------------------------------------
 
     def add_items(self, items: Sequence[Item]) -> int:
-        """Create-if-absent, in parallel batches; an existing item is left exactly as it is."""
-        if not items:
-            return 0
-        by_batch: dict[str, list[Item]] = {}
-        for item in items:
-            by_batch.setdefault(item.batch_id, []).append(item)
+        """Create-if-absent; an existing item is never touched. Items are written with `create`, which
+        fails rather than overwrite, so a duplicated expansion racing this one cannot reset an item a
+        worker has already claimed."""
         created = 0
-        for batch_id, group in by_batch.items():
-            refs = [self._item_ref(batch_id, i.item_id) for i in group]
-            existing = {s.id for s in self._db.get_all(refs, field_paths=["state"]) if s.exists}
-            new = [i for i in group if i.item_id not in existing]
-            for start in range(0, len(new), 400):
-                writes = self._db.batch()
-                for item in new[start : start + 400]:
-                    self._write_item(writes, self._item_ref(batch_id, item.item_id), item)
-                self._run(writes.commit)
-            created += len(new)
+        for start in range(0, len(items), 400):
+            created += self._create_items(items[start : start + 400])
         return created
+
+    def _create_items(self, items: Sequence[Item]) -> int:
+        remaining = list(items)
+        for _ in range(CAS_ATTEMPTS):
+            refs = [self._item_ref(i.batch_id, i.item_id) for i in remaining]
+            existing = {s.reference.path for s in self._db.get_all(refs, field_paths=["state"]) if s.exists}
+            remaining = [i for i, ref in zip(remaining, refs, strict=True) if ref.path not in existing]
+            if not remaining:
+                return 0
+            writes = self._db.batch()
+            for item in remaining:
+                ref = self._item_ref(item.batch_id, item.item_id)
+                writes.create(ref, self._item_doc(item))
+                self._write_file_chunks(writes, ref, item)
+            try:
+                self._run(writes.commit)
+            except _LOST_RACE:
+                continue  # another expansion created some of them first: look again, create the rest
+            return len(remaining)
+        raise ServiceUnavailable("could not create the series records (too much contention); it will be retried")
 
     def get_item(self, batch_id: str, item_id: str) -> Item:
         ref = self._item_ref(batch_id, item_id)
