@@ -39,7 +39,8 @@ def _id_token(audience: str) -> str:
         import google.auth.transport.requests  # noqa: PLC0415 - only needed against a real deployment
         import google.oauth2.id_token  # noqa: PLC0415
 
-        token: str = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), audience)
+        request = google.auth.transport.requests.Request()
+        token: str = google.oauth2.id_token.fetch_id_token(request, audience)  # type: ignore[no-untyped-call]
     except Exception as exc:
         raise ConfigError(
             "could not get an ID token for the batch API from your Google credentials; set "

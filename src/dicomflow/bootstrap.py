@@ -24,7 +24,17 @@ from dicomflow.adapters.local.sqlite_store import SqliteStateStore
 from dicomflow.config import Mode, Settings
 from dicomflow.domain.failures import ConfigError
 from dicomflow.domain.locations import LocationKind
-from dicomflow.ports import Attempt, Converter, HeaderScanner, QueueName, Sink, Source, StateStore, TaskQueue
+from dicomflow.ports import (
+    Attempt,
+    ChangeFeed,
+    Converter,
+    HeaderScanner,
+    QueueName,
+    Sink,
+    Source,
+    StateStore,
+    TaskQueue,
+)
 from dicomflow.services.context import Context, StepProgress
 from dicomflow.services.tasks import handle_task
 
@@ -45,6 +55,7 @@ def build(
     clock: Callable[[], float] | None = None,
     progress: StepProgress | None = None,
     work_dir: Path | None = None,
+    change_feed: Callable[[], ChangeFeed] | None = None,
 ) -> Context:
     clock = clock or time.time
     if settings.mode is Mode.LOCAL:
@@ -58,19 +69,21 @@ def build(
         store = store or _firestore_store(settings, clock)
         queue = queue or _cloud_tasks_queue(settings)
         parallelism = CLOUD_SCAN_PARALLELISM
+    drive, close_drive = _lazy_drive(settings)
     ctx = Context(
         settings=settings,
         store=store,
         queue=queue,
         converter=converter or Dcm2niixConverter(settings.convert_timeout_seconds),
-        sources=sources
-        or {LocationKind.LOCAL: LocalFolderSource, LocationKind.DRIVE: lambda: _drive(settings).source()},
-        sinks=sinks or {LocationKind.LOCAL: LocalFolderSink, LocationKind.DRIVE: lambda: _drive(settings).sink()},
+        sources=sources or {LocationKind.LOCAL: LocalFolderSource, LocationKind.DRIVE: lambda: drive().source()},
+        sinks=sinks or {LocationKind.LOCAL: LocalFolderSink, LocationKind.DRIVE: lambda: drive().sink()},
         scanners=scanners
         or {LocationKind.LOCAL: SequentialScanner(), LocationKind.DRIVE: ThreadedScanner(DRIVE_SCAN_THREADS)},
         work_dir=work_dir or _work_dir(settings),
         clock=clock,
         scan_parallelism=parallelism,
+        change_feed=change_feed or (lambda: drive().change_feed()),
+        closers=[close_drive],
     )
     if progress is not None:
         ctx.progress = progress
@@ -99,17 +112,23 @@ def _cloud_tasks_queue(settings: Settings) -> TaskQueue:
     return CloudTasksQueue.from_settings(settings)
 
 
-_DRIVE_CACHE: dict[int, Any] = {}
+def _lazy_drive(settings: Settings) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """One Drive connection per Context, built on first use (credentials are only looked up then);
+    and the function that closes it if it was built."""
+    holder: list[Any] = []
 
+    def drive() -> Any:
+        if not holder:
+            from dicomflow.adapters.drive.connection import DriveConnection
 
-def _drive(settings: Settings) -> Any:
-    """One Drive connection per settings object (per process), built on first use."""
-    from dicomflow.adapters.drive.connection import DriveConnection
+            holder.append(DriveConnection.from_settings(settings))
+        return holder[0]
 
-    key = id(settings)
-    if key not in _DRIVE_CACHE:
-        _DRIVE_CACHE[key] = DriveConnection.from_settings(settings)
-    return _DRIVE_CACHE[key]
+    def close() -> None:
+        while holder:
+            holder.pop().close()
+
+    return drive, close
 
 
 # --- local worker processes -------------------------------------------------------------------------------

@@ -528,6 +528,113 @@ def dlq_retry(
     sys.exit(_run_local(settings, start, as_json, quiet))
 
 
+# --- Drive: push notifications and credentials -------------------------------------------------------------
+
+
+def _watch_context(state_path: str | None) -> Any:
+    """Watches live in the state store of the configured mode: Firestore in the cloud
+    (DICOMFLOW_MODE=cloud), else the local SQLite state."""
+    settings = _settings()
+    if settings.mode is Mode.CLOUD:
+        return _read_context(settings)
+    return _read_context(_local_session_settings(state_path) if state_path or settings.state_path
+                         else _settings(mode=Mode.LOCAL, state_path=str(_default_watch_state())))  # fmt: skip
+
+
+def _default_watch_state() -> Path:
+    from dicomflow import local_runtime
+
+    return local_runtime.STATE_HOME / "watches.sqlite"
+
+
+@main.group()
+def watch() -> None:
+    """Convert new exams automatically when they land in a Drive folder (Drive push notifications)."""
+
+
+@watch.command("add")
+@click.option("--folder", required=True, help="The watched Drive folder: drive://ID or ID.")
+@click.option("--dest", "destination", required=True, help="Where NIfTI goes: drive://ID or ID.")
+@click.option("--label", default="", help="Label of the batches this watch submits.")
+@click.option("--no-compress", is_flag=True, help="Write .nii instead of .nii.gz.")
+@click.option("--merge-2d", type=click.Choice(ConversionOptions.MERGE_CHOICES), default="auto", show_default=True)
+@click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+def watch_add(
+    folder: str, destination: str, label: str, no_compress: bool, merge_2d: str, state_path: str | None
+) -> None:
+    """Open a Drive changes channel for FOLDER. New uploads are converted once the folder has been quiet
+    for DICOMFLOW_SETTLE_SECONDS; notifications go to DICOMFLOW_WEBHOOK_URL, signed with
+    DICOMFLOW_WEBHOOK_TOKEN."""
+    from dicomflow.services.drive_changes import add_watch, channel_summary
+
+    ctx = _watch_context(state_path)
+
+    def as_drive(text: str, field: str) -> Location:
+        return _location(text if "://" in text else f"drive://{text}", field)
+
+    try:
+        channel = add_watch(ctx, as_drive(folder, "folder"), as_drive(destination, "destination"),
+                            ConversionOptions(compress=not no_compress, merge_2d=merge_2d), label)  # fmt: skip
+    except DicomflowError as exc:
+        fail(exc.reason)
+    print_json(sys.stdout, channel_summary(channel))
+
+
+@watch.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include stopped channels.")
+@click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+def watch_list(show_all: bool, state_path: str | None) -> None:
+    """The watch channels, with their folders and expiry."""
+    from dicomflow.services.drive_changes import channel_summary
+
+    ctx = _watch_context(state_path)
+    channels = ctx.store.list_channels(active_only=not show_all)
+    if not channels:
+        click.echo("no watch channels")
+    for channel in channels:
+        data = channel_summary(channel)
+        expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(channel.expires_at))
+        state = "" if channel.active else "  (stopped)"
+        click.echo(f"{data['channel_id']}  {data['folder']} -> {data['destination']}  expires {expires}{state}")
+
+
+@watch.command("remove")
+@click.argument("channel_id")
+@click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+def watch_remove(channel_id: str, state_path: str | None) -> None:
+    """Stop a watch channel (Drive channels.stop); uploads are no longer converted automatically."""
+    from dicomflow.services.drive_changes import remove_watch
+
+    ctx = _watch_context(state_path)
+    try:
+        remove_watch(ctx, channel_id)
+    except DicomflowError as exc:
+        fail(exc.reason)
+    click.echo(f"stopped {channel_id}")
+
+
+@main.command()
+@click.option("--client-secrets", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="OAuth client JSON (a 'Desktop app' client from the Google Cloud console).")  # fmt: skip
+@click.option("--token", "token_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path.home() / ".config" / "dicomflow" / "drive-token.json", show_default=True,
+              help="Where to keep the token (permissions 0600).")  # fmt: skip
+@click.option("--no-browser", is_flag=True, help="Print the URL instead of opening a browser.")
+def auth(client_secrets: Path, token_path: Path, no_browser: bool) -> None:
+    """Let dicomflow use Google Drive as you (user OAuth, installed-app flow).
+
+    Then set DICOMFLOW_DRIVE_CREDENTIALS to the token file. The token is refreshed automatically.
+    """
+    from google_auth_oauthlib.flow import InstalledAppFlow
+
+    from dicomflow.adapters.drive.connection import SCOPES, save_user_credentials
+
+    flow = InstalledAppFlow.from_client_secrets_file(str(client_secrets), SCOPES)
+    credentials = flow.run_local_server(port=0, open_browser=not no_browser)
+    save_user_credentials(token_path, credentials)
+    click.echo(f"saved {token_path}; now: export DICOMFLOW_DRIVE_CREDENTIALS={token_path}")
+
+
 # --- demo --------------------------------------------------------------------------------------------------
 
 

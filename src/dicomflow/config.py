@@ -94,9 +94,14 @@ class Settings:
     drive_client_secrets: str = _setting("", "OAuth client JSON used by `dicomflow auth` to create a user token")
     drive_endpoint: str = _setting("", "Drive API base URL override (tests and the fake Drive server only)")
     drive_identity: str = _setting("", "e-mail of the account dicomflow uses on Drive (named in error messages)")
+    drive_service_account: str = _setting(
+        "", "service account to act as on Drive (one identity for every function; users share folders with it)"
+    )
+    drive_max_retry_sleep_seconds: float = _setting(32.0, "longest pause between retries of a Drive request")
     webhook_url: str = _setting("", "HTTPS address Drive sends push notifications to")
     webhook_token: str = _setting("", "shared secret Drive echoes in X-Goog-Channel-Token", secret=True)
     settle_seconds: int = _setting(300, "a watched folder is converted once quiet for this long")
+    webhook_window_seconds: int = _setting(10, "Drive notifications within this window share one read of the feed")
     channel_ttl_seconds: int = _setting(604_800, "requested lifetime of a Drive changes channel (max 1 week)")
     channel_renew_before_seconds: int = _setting(172_800, "renew a channel this long before it expires")
 
@@ -213,11 +218,13 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("reconcile_interval_seconds", lambda v: v >= 1, "must be >= 1"),
     ("memory_budget_mb", lambda v: v >= 0, "must be >= 0"),
     ("download_concurrency", lambda v: 1 <= v <= 64, "must be between 1 and 64"),
+    ("drive_max_retry_sleep_seconds", lambda v: v >= 0, "must be >= 0"),
     ("expand_chunk_files", lambda v: 10 <= v <= 5000, "must be between 10 and 5000"),
     ("max_batch_sources", lambda v: v >= 1, "must be >= 1"),
     ("max_batch_series", lambda v: v >= 1, "must be >= 1"),
     ("idempotency_ttl_hours", lambda v: v >= 1, "must be >= 1"),
     ("settle_seconds", lambda v: v >= 0, "must be >= 0"),
+    ("webhook_window_seconds", lambda v: 1 <= v <= 600, "must be between 1 and 600"),
     ("channel_ttl_seconds", lambda v: 60 <= v <= 604_800, "must be between 60 and 604800 (Drive's maximum)"),
     ("channel_renew_before_seconds", lambda v: v >= 0, "must be >= 0"),
     (

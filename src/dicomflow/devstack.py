@@ -275,7 +275,8 @@ def dev_stack(
         for f in (
             "retry_max_attempts", "retry_min_backoff_seconds", "retry_max_backoff_seconds", "retry_max_doublings",
             "dispatch_deadline_seconds", "convert_timeout_seconds", "lease_margin_seconds", "settle_seconds",
-            "webhook_token", "drive_endpoint", "work_dir",
+            "webhook_token", "drive_endpoint", "work_dir", "webhook_window_seconds", "drive_identity",
+            "drive_max_retry_sleep_seconds",
         ):  # fmt: skip
             value = getattr(settings, f)
             if value not in ("", None):

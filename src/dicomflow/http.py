@@ -40,6 +40,7 @@ from dicomflow.ports import Attempt, QueueName
 from dicomflow.services.batches import cancel_batch
 from dicomflow.services.context import Context
 from dicomflow.services.dead_letter import retry_dead_letters
+from dicomflow.services.drive_changes import handle_webhook, renew_channels
 from dicomflow.services.progress import batch_view
 from dicomflow.services.reconcile import reconcile
 from dicomflow.services.submit import BatchRequest, submit
@@ -372,6 +373,31 @@ def reconcile_request(provider: ContextProvider, request: Request) -> Response:
         return problem(405, "Method Not Allowed", "use POST")
     try:
         report = reconcile(provider())
+    except DicomflowError as exc:
+        return error_response(exc)
+    return json_response(asdict(report))
+
+
+def drive_webhook(provider: ContextProvider, request: Request) -> Response:
+    """Drive push notifications: 200 fast (the work happens in a task), 403 for a wrong token or an
+    unknown channel; never an error that would make Drive retry a refused notification."""
+    if request.method != "POST":
+        return problem(405, "Method Not Allowed", "notifications are POSTed")
+    try:
+        status = handle_webhook(provider(), dict(request.headers))
+    except DicomflowError as exc:
+        return error_response(exc)  # e.g. the state store is down: 503, and Drive retries (GCP_FACTS §2)
+    if status == 403:
+        return problem(403, "Forbidden", "unknown channel or wrong token")
+    return Response(status=200)
+
+
+def renew_channels_request(provider: ContextProvider, request: Request) -> Response:
+    """Cloud Scheduler's daily call: renew Drive watch channels; also submit folders that went quiet."""
+    if request.method != "POST":
+        return problem(405, "Method Not Allowed", "use POST")
+    try:
+        report = renew_channels(provider())
     except DicomflowError as exc:
         return error_response(exc)
     return json_response(asdict(report))

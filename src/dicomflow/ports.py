@@ -59,6 +59,9 @@ class Sink(Protocol):
     def check(self, location: Location) -> str:
         """The folder's display name. Raises (saying what to do) unless `location` can receive outputs."""
 
+    def subfolder(self, location: Location, name: str) -> Location:
+        """The folder `name` inside `location`, created if needed (once, even when callers race)."""
+
     def publish(
         self,
         location: Location,
@@ -143,6 +146,48 @@ class IdempotencyRecord:
     request_hash: str
     batch_id: str
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DriveChange:
+    """One entry of Drive's changes feed. `removed` also means "lost access" (GCP_FACTS gotcha 9)."""
+
+    file_id: str
+    removed: bool
+    trashed: bool = False
+    mime_type: str = ""
+    parents: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePage:
+    changes: tuple[DriveChange, ...]
+    next_page_token: str  # more pages now
+    new_start_page_token: str  # only on the last page: where the next read starts
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    file_id: str
+    name: str
+    mime_type: str
+    parents: tuple[str, ...]
+    trashed: bool = False
+
+
+class ChangeFeed(Protocol):
+    """Drive's changes feed and push channels (changes.watch / channels.stop)."""
+
+    def start_page_token(self) -> str: ...
+
+    def changes(self, page_token: str) -> ChangePage: ...
+
+    def file_info(self, file_id: str) -> FileInfo: ...
+
+    def watch(self, channel_id: str, address: str, token: str, page_token: str, ttl_seconds: int) -> tuple[str, float]:
+        """Open a channel; returns (resource id, expiry as Unix seconds)."""
+
+    def stop(self, channel_id: str, resource_id: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

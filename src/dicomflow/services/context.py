@@ -13,7 +13,7 @@ from dicomflow.config import Settings
 from dicomflow.domain.failures import InvalidInput
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.events import Event
-from dicomflow.ports import Converter, HeaderScanner, Sink, Source, StateStore, TaskQueue
+from dicomflow.ports import ChangeFeed, Converter, HeaderScanner, Sink, Source, StateStore, TaskQueue
 
 log = logging.getLogger("dicomflow")
 
@@ -35,11 +35,22 @@ class Context:
     sinks: dict[LocationKind, Callable[[], Sink]]
     scanners: dict[LocationKind, HeaderScanner]
     work_dir: Path
+    change_feed: Callable[[], ChangeFeed] | None = None
     clock: Callable[[], float] = time.time
     progress: StepProgress = _no_progress
     # How many expansion chunks can be scanned at once (local: worker processes; cloud: task fan-out).
     scan_parallelism: int = 1
+    closers: list[Callable[[], None]] = field(default_factory=list)
     _cache: dict[Any, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Release connections (Drive clients, database handles) this Context opened."""
+        for closer in self.closers:
+            closer()
+        for resource in (self.store, self.queue):
+            close = getattr(resource, "close", None)
+            if callable(close):
+                close()
 
     def source_for(self, location: Location) -> Source:
         source: Source = self._adapter(self.sources, location, "source")
@@ -51,6 +62,15 @@ class Context:
 
     def scanner_for(self, location: Location) -> HeaderScanner:
         return self.scanners[location.kind]
+
+    def changes(self) -> ChangeFeed:
+        """Drive's changes feed (push notifications); built on first use."""
+        if self.change_feed is None:
+            raise InvalidInput("Drive push notifications are not configured here", field="drive")
+        if "changes" not in self._cache:
+            self._cache["changes"] = self.change_feed()
+        feed: ChangeFeed = self._cache["changes"]
+        return feed
 
     def _adapter(self, table: dict[LocationKind, Callable[[], Any]], location: Location, role: str) -> Any:
         key = (role, location.kind)

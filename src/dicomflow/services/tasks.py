@@ -14,6 +14,7 @@ from dicomflow.ports import Attempt, QueueName
 from dicomflow.services.context import Context, event
 from dicomflow.services.convert_series import ConvertPayload, convert_series
 from dicomflow.services.dead_letter import DeadLetterPayload, record_dead_letter
+from dicomflow.services.drive_changes import handle_changes_task
 from dicomflow.services.expand import ExpandPayload, handle_expand
 
 
@@ -67,8 +68,6 @@ def _dispatch(ctx: Context, queue: QueueName, payload: object, attempt: Attempt)
         changed = record_dead_letter(ctx, parsed.batch_id, parsed.item_id, parsed.failure)
         return TaskResponse(200, {"outcome": "dead_lettered" if changed else "duplicate"})
     if queue is QueueName.CHANGES:
-        from dicomflow.services.drive_changes import handle_changes_task
-
         handle_changes_task(ctx, payload, attempt)
         return TaskResponse(200, {"outcome": "done"})
     raise InvalidInput(f"unknown queue {queue!r}", field="queue")  # pragma: no cover - enum is exhaustive

@@ -22,7 +22,7 @@ from dicomflow.domain.failures import (
 )
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import OutputFile
-from dicomflow.domain.paths import encode_component, join, safe_local_parts
+from dicomflow.domain.paths import encode_component, join, safe_local_name, safe_local_parts
 from dicomflow.domain.series import FileRef, Ignored, IgnoredKind
 from dicomflow.ports import Progress, SkippedFile
 
@@ -187,6 +187,14 @@ class LocalFolderSink:
                 "or choose another folder"
             )
         return root.name
+
+    def subfolder(self, location: Location, name: str) -> Location:
+        target = _require_local(location) / safe_local_name(name)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._write_error(exc, target) from None
+        return Location(LocationKind.LOCAL, str(target))
 
     def publish(
         self,
