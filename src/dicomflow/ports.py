@@ -184,8 +184,9 @@ class ChangeFeed(Protocol):
 
     def file_info(self, file_id: str) -> FileInfo: ...
 
-    def watch(self, channel_id: str, address: str, token: str, page_token: str, ttl_seconds: int) -> tuple[str, float]:
-        """Open a channel; returns (resource id, expiry as Unix seconds)."""
+    def watch(self, channel_id: str, address: str, token: str, page_token: str, expires_at: float) -> tuple[str, float]:
+        """Open a channel asking for expiry at `expires_at` (Unix seconds); returns (resource id, the expiry
+        Drive granted — it may be earlier)."""
 
     def stop(self, channel_id: str, resource_id: str) -> None: ...
 

@@ -78,7 +78,7 @@ def _open(ctx: Context, feed: ChangeFeed, channel: WatchChannel) -> WatchChannel
         settings.webhook_url,
         settings.webhook_token,
         channel.page_token,
-        settings.channel_ttl_seconds,
+        channel.expires_at,
     )
     opened, _ = ctx.store.update_channel(
         channel.channel_id, lambda c: replace(c, resource_id=resource_id, expires_at=expires_at or c.expires_at)
@@ -148,16 +148,17 @@ def handle_webhook(ctx: Context, headers: Mapping[str, str]) -> int:
 
     Notifications carry no change data (GCP_FACTS §2); this only schedules a read of the feed. Nothing
     about the token is ever logged."""
-    channel_id = headers.get("X-Goog-Channel-ID", "")
-    token = headers.get("X-Goog-Channel-Token", "")
-    state = headers.get("X-Goog-Resource-State", "")
+    lowered = {k.lower(): v for k, v in headers.items()}  # header names are case-insensitive
+    channel_id = lowered.get("x-goog-channel-id", "")
+    token = lowered.get("x-goog-channel-token", "")
+    state = lowered.get("x-goog-resource-state", "")
     expected = ctx.settings.webhook_token
     if not expected or not _CHANNEL_ID.match(channel_id) or not hmac.compare_digest(token.encode(), expected.encode()):
         return _reject("missing or wrong channel token" if expected else "no webhook token configured", channel_id)
     channel = ctx.store.get_channel(channel_id)
     if channel is None or not channel.active:
         return _reject("unknown or stopped channel", channel_id)
-    resource = headers.get("X-Goog-Resource-ID", "")
+    resource = lowered.get("x-goog-resource-id", "")
     if channel.resource_id and resource and not hmac.compare_digest(resource, channel.resource_id):
         return _reject("resource does not match the channel", channel_id)
     if state == "sync":

@@ -123,7 +123,7 @@ class DriveConnection:
     # --- clients ---------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def client(self) -> Iterator[Any]:
+    def client(self) -> Iterator[DriveClient]:
         """A Drive client for this thread's exclusive use until the block ends."""
         with self._lock:
             service = self._idle.pop() if self._idle else None
@@ -143,7 +143,7 @@ class DriveConnection:
         for service in services:
             service.close()
 
-    def _build(self) -> Any:
+    def _build(self) -> DriveClient:
         # build_http(), not httplib2.Http(): it leaves 308 out of redirect codes, which resumable uploads
         # need (GCP_FACTS gotcha 3).
         http = google_auth_httplib2.AuthorizedHttp(self.credentials, http=build_http())
@@ -152,8 +152,8 @@ class DriveConnection:
             root = self.endpoint if self.endpoint.endswith("/") else self.endpoint + "/"
             doc["rootUrl"] = doc["mtlsRootUrl"] = root
             doc["baseUrl"] = root + doc.get("servicePath", "drive/v3/")
-            return build_from_document(doc, http=http)
-        return build("drive", "v3", http=http, cache_discovery=False, static_discovery=True)
+            return DriveClient(build_from_document(doc, http=http))
+        return DriveClient(build("drive", "v3", http=http, cache_discovery=False, static_discovery=True))
 
     def sleep(self, seconds: float) -> None:
         """A retry pause, capped (tests keep the cap short)."""
@@ -204,6 +204,20 @@ class DriveConnection:
         return DriveChangeFeed(self)
 
 
+class DriveClient:
+    """A Drive service with its collections built once: `service.files` builds a new Resource (every
+    method parsed from the discovery document) on each call, which cost ~5 ms per downloaded file."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.files = service.files()
+        self.changes = service.changes()
+        self.channels = service.channels()
+
+    def close(self) -> None:
+        self.service.close()
+
+
 _ALL_DRIVES = {"supportsAllDrives": True}
 
 
@@ -214,12 +228,12 @@ class DriveChangeFeed:
         self._drive = drive
 
     def start_page_token(self) -> str:
-        data = self._drive.execute(lambda s: s.changes().getStartPageToken(**_ALL_DRIVES), what="the changes feed")
+        data = self._drive.execute(lambda s: s.changes.getStartPageToken(**_ALL_DRIVES), what="the changes feed")
         return str(data["startPageToken"])
 
     def changes(self, page_token: str) -> ChangePage:
         data = self._drive.execute(
-            lambda s: s.changes().list(
+            lambda s: s.changes.list(
                 pageToken=page_token,
                 pageSize=1000,
                 includeRemoved=True,
@@ -248,22 +262,22 @@ class DriveChangeFeed:
 
     def file_info(self, file_id: str) -> FileInfo:
         data = self._drive.execute(
-            lambda s: s.files().get(fileId=file_id, fields="id,name,mimeType,parents,trashed", **_ALL_DRIVES),
+            lambda s: s.files.get(fileId=file_id, fields="id,name,mimeType,parents,trashed", **_ALL_DRIVES),
             what=f"file {file_id}",
         )
         return FileInfo(file_id, str(data.get("name", "")), str(data.get("mimeType", "")),
                         tuple(data.get("parents") or ()), bool(data.get("trashed", False)))  # fmt: skip
 
-    def watch(self, channel_id: str, address: str, token: str, page_token: str, ttl_seconds: int) -> tuple[str, float]:
+    def watch(self, channel_id: str, address: str, token: str, page_token: str, expires_at: float) -> tuple[str, float]:
         body = {
             "id": channel_id,
             "type": "web_hook",
             "address": address,
             "token": token,
-            "expiration": str(int((time.time() + ttl_seconds) * 1000)),  # Unix milliseconds
+            "expiration": str(int(expires_at * 1000)),  # Unix milliseconds (GCP_FACTS §1)
         }
         data = self._drive.execute(
-            lambda s: s.changes().watch(
+            lambda s: s.changes.watch(
                 pageToken=page_token, body=body, includeItemsFromAllDrives=True, includeRemoved=True, **_ALL_DRIVES
             ),
             what="a changes channel",
@@ -272,6 +286,6 @@ class DriveChangeFeed:
 
     def stop(self, channel_id: str, resource_id: str) -> None:
         self._drive.execute(
-            lambda s: s.channels().stop(body={"id": channel_id, "resourceId": resource_id}),
+            lambda s: s.channels.stop(body={"id": channel_id, "resourceId": resource_id}),
             what=f"channel {channel_id}",
         )

@@ -72,7 +72,7 @@ class DriveSink:
         if location.kind is not LocationKind.DRIVE:
             raise ValueError(f"not a Drive location: {location}")
         meta = self._drive.execute(
-            lambda s: s.files().get(
+            lambda s: s.files.get(
                 fileId=location.ref, fields="id,name,mimeType,trashed,capabilities(canAddChildren)", **_ALL
             ),
             what=f"destination folder {location.ref}",
@@ -104,7 +104,7 @@ class DriveSink:
         else:
             body = {"name": name, "mimeType": FOLDER, "parents": [parent], "appProperties": {"dicomflow": "1"}}
             mine = self._drive.execute(
-                lambda s: s.files().create(body=body, fields="id,createdTime", **_ALL),
+                lambda s: s.files.create(body=body, fields="id,createdTime", **_ALL),
                 what=f"folder {name!r}",
                 writing=True,
             )["id"]
@@ -124,13 +124,13 @@ class DriveSink:
             for child in self._list(f"{quote(mine)} in parents and trashed = false", what=f"folder {name!r}"):
 
                 def move(service: Any, child_id: str = child["id"]) -> Any:
-                    return service.files().update(
+                    return service.files.update(
                         fileId=child_id, addParents=winner, removeParents=mine, fields="id", **_ALL
                     )
 
                 self._drive.execute(move, what=f"folder {name!r}", writing=True)
             self._drive.execute(
-                lambda s: s.files().update(fileId=mine, body={"trashed": True}, fields="id", **_ALL),
+                lambda s: s.files.update(fileId=mine, body={"trashed": True}, fields="id", **_ALL),
                 what=f"folder {name!r}",
                 writing=True,
             )
@@ -142,7 +142,7 @@ class DriveSink:
         while True:
 
             def listing(service: Any, page_token: str | None = token) -> Any:
-                return service.files().list(
+                return service.files.list(
                     q=query, fields=f"nextPageToken, files({_FILE_FIELDS})", pageSize=1000, pageToken=page_token,
                     corpora="allDrives", includeItemsFromAllDrives=True, **_ALL,
                 )  # fmt: skip
@@ -210,7 +210,7 @@ class DriveSink:
         for extra in found[1:]:
 
             def delete(service: Any, file_id: str = extra["id"]) -> Any:
-                return service.files().delete(fileId=file_id, **_ALL)
+                return service.files.delete(fileId=file_id, **_ALL)
 
             with contextlib.suppress(DestinationNotWritable):  # already deleted by the other delivery
                 self._drive.execute(delete, what="a duplicate output", writing=True)
@@ -224,14 +224,14 @@ class DriveSink:
             try:
                 with self._drive.client() as service:
                     if file_id:
-                        request = service.files().update(fileId=file_id, media_body=media, fields=_FILE_FIELDS, **_ALL)
+                        request = service.files.update(fileId=file_id, media_body=media, fields=_FILE_FIELDS, **_ALL)
                     else:
                         body = {
                             "name": path.name,
                             "parents": [folder],
                             "appProperties": {"dicomflow_key": owner_key, "dicomflow_name": _name_tag(path.name)},
                         }
-                        request = service.files().create(body=body, media_body=media, fields=_FILE_FIELDS, **_ALL)
+                        request = service.files.create(body=body, media_body=media, fields=_FILE_FIELDS, **_ALL)
                     request._sleep = self._drive.sleep  # the client's documented retry hook
                     result = self._resumable(request, what)
             except _RestartUpload:

@@ -52,7 +52,7 @@ class DriveSource:
     def check(self, location: Location) -> str:
         folder = _folder_id(location)
         meta = self._drive.execute(
-            lambda s: s.files().get(fileId=folder, fields="id,name,mimeType,trashed", **_ALL),
+            lambda s: s.files.get(fileId=folder, fields="id,name,mimeType,trashed", **_ALL),
             what=f"source folder {folder}",
         )
         if meta.get("mimeType") != FOLDER:
@@ -66,7 +66,7 @@ class DriveSource:
         while True:
 
             def listing(service: Any, page_token: str | None = token) -> Any:
-                return service.files().list(
+                return service.files.list(
                     q=f"{quote(folder_id)} in parents and trashed = false",
                     fields=LIST_FIELDS,
                     pageSize=1000,
@@ -103,7 +103,7 @@ class DriveSource:
             return b""
 
         def ranged(service: Any) -> Any:
-            request = service.files().get_media(fileId=ref.ref, **_ALL)
+            request = service.files.get_media(fileId=ref.ref, **_ALL)
             request.headers["Range"] = f"bytes=0-{size - 1}"
             return request
 
@@ -113,7 +113,7 @@ class DriveSource:
         def current(ref: FileRef) -> FileRef | None:
             try:
                 meta = self._drive.execute(
-                    lambda s: s.files().get(fileId=ref.ref, fields="id,size,md5Checksum,trashed", **_ALL),
+                    lambda s: s.files.get(fileId=ref.ref, fields="id,size,md5Checksum,trashed", **_ALL),
                     what=f"file {ref.path}",
                 )
             except SourceNotFound:
@@ -155,7 +155,7 @@ class DriveSource:
             written = 0
             try:
                 with target.open("wb") as handle, self._drive.client() as service:
-                    request = service.files().get_media(fileId=ref.ref, **_ALL)
+                    request = service.files.get_media(fileId=ref.ref, **_ALL)
                     writer = _HashingWriter(handle, digest)
                     downloader = MediaIoBaseDownload(writer, request, chunksize=DOWNLOAD_CHUNK)
                     downloader._sleep = self._drive.sleep  # the client's documented retry hook
