@@ -12,6 +12,7 @@ locals {
     "drive.googleapis.com",                # sources and destinations
     "firestore.googleapis.com",            # state
     "iam.googleapis.com",                  # service accounts
+    "iamcredentials.googleapis.com",       # acting as the Drive identity (service account impersonation)
     "logging.googleapis.com",              # structured logs, log-based metrics
     "monitoring.googleapis.com",           # alert policies, dashboard
     "run.googleapis.com",                  # the worker (and the functions' underlying services)

@@ -55,6 +55,28 @@ resource "google_service_account" "build" {
   depends_on = [google_project_service.this]
 }
 
+# The Drive identity: the account users share folders with. It holds no project roles at all; the worker
+# and the Drive-using functions act as it (roles/iam.serviceAccountTokenCreator on it, below).
+resource "google_service_account" "drive" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-drive"
+  display_name = "dicomflow on Google Drive"
+  description  = "The identity dicomflow uses on Google Drive; share DICOM folders and NIfTI destinations with it."
+
+  depends_on = [google_project_service.this]
+}
+
+resource "google_service_account_iam_member" "drive_token_creator" {
+  for_each = var.drive_user_oauth ? {} : merge(
+    { worker = local.runtime_members.worker },
+    { for key, fn in local.functions : key => local.runtime_members[key] if fn.drive },
+  )
+
+  service_account_id = google_service_account.drive.name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = each.value
+}
+
 locals {
   runtime_members = merge(
     { worker = "serviceAccount:${google_service_account.worker.email}" },

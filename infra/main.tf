@@ -124,12 +124,12 @@ locals {
     renew = {
       name          = "${var.name_prefix}-renew"
       entry_point   = "renew_channels"
-      description   = "dicomflow Drive watch-channel renewal (Cloud Scheduler)"
+      description   = "dicomflow Drive watch-channel renewal (Cloud Scheduler); also submits folders that went quiet"
       timeout       = 540
       memory        = "512Mi"
       invoker       = "scheduler"
       firestore     = true
-      enqueue       = []
+      enqueue       = ["expand"] # a settled folder is submitted as a batch
       drive         = true
       webhook_token = true
     }
@@ -185,26 +185,27 @@ locals {
     DICOMFLOW_LOG_LEVEL                 = var.log_level
   })
 
-  drive_credentials_env = var.drive_user_oauth ? { DICOMFLOW_DRIVE_CREDENTIALS = local.drive_token_path } : {}
+  # Who dicomflow is on Drive: one identity for the worker and every function that touches Drive, so users
+  # share their folders with a single account. Either the OAuth user (var.drive_user_oauth), or the
+  # `drive` service account, which the others act as (impersonation; roles in iam.tf).
+  drive_identity = var.drive_user_oauth ? var.drive_user_email : google_service_account.drive.email
+  drive_credentials_env = merge(
+    var.drive_user_oauth ? { DICOMFLOW_DRIVE_CREDENTIALS = local.drive_token_path } : {
+      DICOMFLOW_DRIVE_SERVICE_ACCOUNT                    = google_service_account.drive.email
+    },
+    { DICOMFLOW_DRIVE_IDENTITY = local.drive_identity },
+  )
 
   worker_env = merge(local.shared_env, local.drive_credentials_env, {
     DICOMFLOW_WORKER_URL       = local.worker_self_url
     DICOMFLOW_MEMORY_BUDGET_MB = tostring(var.worker_memory_mib)
-    # The identity named in "share the folder with ..." messages: the worker's service account, or the
-    # OAuth user when dicomflow acts on Drive as a user.
-    DICOMFLOW_DRIVE_IDENTITY = var.drive_user_oauth ? var.drive_user_email : google_service_account.worker.email
   })
 
   function_env = {
     for key, fn in local.functions : key => merge(
       local.shared_env,
       fn.drive ? local.drive_credentials_env : {},
-      {
-        DICOMFLOW_WORKER_URL = google_cloud_run_v2_service.worker.uri
-        # Each function reaches Drive as its own service account (or the OAuth user), so that is the
-        # identity its error messages must name.
-        DICOMFLOW_DRIVE_IDENTITY = var.drive_user_oauth ? var.drive_user_email : google_service_account.function[key].email
-      },
+      { DICOMFLOW_WORKER_URL = google_cloud_run_v2_service.worker.uri },
     )
   }
 }

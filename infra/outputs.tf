@@ -32,11 +32,8 @@ output "service_accounts" {
 }
 
 output "drive_share_with" {
-  description = "Identities that act on Drive when drive_user_oauth is false: share source folders (reader) and destination folders or shared drives (writer) with all of them, e.g. through one Google group."
-  value = concat(
-    [google_service_account.worker.email],
-    [for key, fn in local.functions : google_service_account.function[key].email if fn.drive],
-  )
+  description = "The one identity dicomflow uses on Drive: share source folders with it (Viewer) and destination folders or shared drives (Editor / Content manager)."
+  value       = local.drive_identity
 }
 
 output "queue_names" {
