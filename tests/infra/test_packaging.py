@@ -38,10 +38,10 @@ def test_a_clean_virtualenv_imports_every_entry_point(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     installed = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(source / "requirements.txt")],
-        capture_output=True, text=True, check=False, timeout=600,
-    )  # fmt: skip
+        [*pip, "-r", str(source / "requirements.txt")], capture_output=True, text=True, check=False, timeout=600
+    )
     assert installed.returncode == 0, installed.stderr[-2000:]
     probe = (
         "import main\n"
