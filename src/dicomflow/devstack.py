@@ -241,8 +241,10 @@ def dev_stack(
     tasks_max_retries: int | None = None,
     firestore_host: str = "",
     reconcile_loop: bool = True,
+    project: str = PROJECT,
 ) -> Iterator[DevStack]:
-    """Start everything; stop everything on exit. `firestore_host` reuses a running emulator."""
+    """Start everything; stop everything on exit. `firestore_host` reuses a running emulator; a distinct
+    `project` keeps this stack's data apart from another stack's on the same emulator."""
     stack = DevStack(settings_env={}, urls={}, log_dir=log_dir)
     try:
         if firestore_host:
@@ -252,13 +254,13 @@ def dev_stack(
             stack.processes["firestore"] = managed
         retries = settings.retry_max_attempts - 1 if tasks_max_retries is None else tasks_max_retries
         managed, stack.tasks_host = start_tasks_emulator(
-            settings.tasks_emulator_python, log_dir, PROJECT, queue_ids(settings), max_retries=retries
+            settings.tasks_emulator_python, log_dir, project, queue_ids(settings), max_retries=retries
         )
         stack.processes["tasks"] = managed
         stack.urls = {name: f"http://127.0.0.1:{free_port()}/" for name in (*FUNCTIONS, "worker")}
         env = {
             env_name("mode"): "cloud",
-            env_name("project"): PROJECT,
+            env_name("project"): project,
             env_name("region"): REGION,
             env_name("tasks_emulator_host"): stack.tasks_host,
             env_name("allow_local_paths"): "true",
@@ -270,7 +272,7 @@ def dev_stack(
             env_name("public_url"): stack.urls["batches_api"].rstrip("/"),
             env_name("webhook_url"): stack.urls["drive_webhook"],
             "FIRESTORE_EMULATOR_HOST": stack.firestore_host,
-            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            "GOOGLE_CLOUD_PROJECT": project,
         }
         for f in (
             "retry_max_attempts", "retry_min_backoff_seconds", "retry_max_backoff_seconds", "retry_max_doublings",

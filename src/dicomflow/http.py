@@ -367,15 +367,20 @@ def _status_json(ctx: Context, request: Request, batch_id: str) -> dict[str, Any
     }
 
 
-def reconcile_request(provider: ContextProvider, request: Request) -> Response:
-    """Cloud Scheduler's call: finish what crashed workers left behind, report what was done."""
+def _scheduled_job(provider: ContextProvider, request: Request, job: Callable[[Context], Any]) -> Response:
+    """A Cloud Scheduler call: run the job, answer its report as JSON."""
     if request.method != "POST":
         return problem(405, "Method Not Allowed", "use POST")
     try:
-        report = reconcile(provider())
+        report = job(provider())
     except DicomflowError as exc:
         return error_response(exc)
     return json_response(asdict(report))
+
+
+def reconcile_request(provider: ContextProvider, request: Request) -> Response:
+    """Every 10 minutes: finish what crashed workers left behind, report what was done."""
+    return _scheduled_job(provider, request, reconcile)
 
 
 def drive_webhook(provider: ContextProvider, request: Request) -> Response:
@@ -393,11 +398,5 @@ def drive_webhook(provider: ContextProvider, request: Request) -> Response:
 
 
 def renew_channels_request(provider: ContextProvider, request: Request) -> Response:
-    """Cloud Scheduler's daily call: renew Drive watch channels; also submit folders that went quiet."""
-    if request.method != "POST":
-        return problem(405, "Method Not Allowed", "use POST")
-    try:
-        report = renew_channels(provider())
-    except DicomflowError as exc:
-        return error_response(exc)
-    return json_response(asdict(report))
+    """Daily: renew Drive watch channels; also submit folders that went quiet."""
+    return _scheduled_job(provider, request, renew_channels)

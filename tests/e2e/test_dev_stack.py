@@ -110,7 +110,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[devstack.D
     logs = tmp_path_factory.mktemp("logs")
     with devstack.dev_stack(
         settings, logs, firestore_host=host, tasks_max_retries=MAX_ATTEMPTS - 1,
-        extra_env={"DICOMFLOW_WORKER_URL": interceptor.url},
+        extra_env={"DICOMFLOW_WORKER_URL": interceptor.url}, project=emulators.unique_project(),
     ) as dev:  # fmt: skip
         interceptor.targets = [dev.urls["worker"], dev.add_worker("worker-2")]
         yield dev, interceptor

@@ -202,7 +202,8 @@ def test_dev_stack_push_to_batch_with_faults(tmp_path: Path, tmp_path_factory: p
             drive_identity=drive.IDENTITY, drive_max_retry_sleep_seconds=0.1, dispatch_deadline_seconds=60,
             convert_timeout_seconds=30, work_dir=str(tmp_path / "work"),
         )  # fmt: skip
-        with devstack.dev_stack(settings, tmp_path_factory.mktemp("logs"), firestore_host=host) as dev:
+        with devstack.dev_stack(settings, tmp_path_factory.mktemp("logs"), firestore_host=host,
+                                project=emulators.unique_project()) as dev:  # fmt: skip
             watched = fake.add_folder("DICOM", fake.root_id)
             dest = fake.add_folder("NIfTI", fake.root_id)
             env = {**dev.settings_env, "DICOMFLOW_WEBHOOK_URL": dev.urls["drive_webhook"]}

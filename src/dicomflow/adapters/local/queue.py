@@ -14,17 +14,16 @@ import json
 import logging
 import multiprocessing
 import queue as queue_module
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomflow.adapters.local.sqlite import SqliteDatabase
 from dicomflow.domain.retry import RetryPolicy
 from dicomflow.ports import Attempt, QueueName, Task
 
@@ -51,39 +50,14 @@ class SqliteTaskQueue:
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
-        self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        self._db = SqliteDatabase(path, SCHEMA)
 
     def close(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self._db.close()
 
     def enqueue(self, tasks: Sequence[Task]) -> None:
         now = self._clock()
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO tasks (task_id, queue, payload, not_before, created_at) VALUES (?, ?, ?, ?, ?)",
                 [(t.task_id, t.queue.value, json.dumps(dict(t.payload)), now + t.delay_seconds, now) for t in tasks],
@@ -93,12 +67,12 @@ class SqliteTaskQueue:
 
     def release_all_leases(self) -> int:
         """At start-up: tasks leased by a previous run (which is gone) become deliverable again."""
-        with self._tx() as db:
+        with self._db.tx() as db:
             return db.execute("UPDATE tasks SET leased = 0 WHERE leased = 1").rowcount
 
     def lease_due(self, limit: int) -> list[LeasedTask]:
         now = self._clock()
-        with self._tx() as db:
+        with self._db.tx() as db:
             rows = db.execute(
                 "SELECT task_id, queue, payload, retry_count FROM tasks WHERE leased = 0 AND not_before <= ? "
                 "ORDER BY not_before, created_at LIMIT ?",
@@ -108,11 +82,11 @@ class SqliteTaskQueue:
         return [LeasedTask(r[0], QueueName(r[1]), json.loads(r[2]), int(r[3])) for r in rows]
 
     def ack(self, task_id: str) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
 
     def retry(self, task_id: str, delay: float, status: int) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 "UPDATE tasks SET leased = 0, retry_count = retry_count + 1, not_before = ?, last_status = ? "
                 "WHERE task_id = ?",
@@ -120,11 +94,11 @@ class SqliteTaskQueue:
             )
 
     def next_due(self) -> float | None:
-        row = self._conn().execute("SELECT MIN(not_before) FROM tasks WHERE leased = 0").fetchone()
+        row = self._db.conn().execute("SELECT MIN(not_before) FROM tasks WHERE leased = 0").fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     def pending(self) -> int:
-        return int(self._conn().execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+        return int(self._db.conn().execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,22 +1,20 @@
 """SQLite behind the StateStore port: the embedded default, safe for several worker processes.
 
-WAL mode lets readers run while one writer commits; every read-modify-write runs inside
-`BEGIN IMMEDIATE`, which takes the write lock before reading, so two processes can never both apply a
-transition to the same item. Counters are `COUNT(*) ... GROUP BY state` over an index: derived from item
-states, they can never disagree with them.
+Every read-modify-write runs in one write transaction (adapters/local/sqlite.py), so two processes
+can never both apply a transition to the same item. Counters are `COUNT(*) ... GROUP BY state` over
+an index: derived from item states, they can never disagree with them.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dicomflow.adapters import codec
+from dicomflow.adapters.local.sqlite import SqliteDatabase
 from dicomflow.domain.failures import Conflict, NotFound
 from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState
 from dicomflow.domain.series import ScanResult
@@ -89,48 +87,15 @@ class SqliteStateStore:
     def __init__(self, path: Path, clock: Callable[[], float]) -> None:
         self.path = path
         self._clock = clock
-        self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
-
-    # --- connection handling ------------------------------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
-        return conn
+        self._db = SqliteDatabase(path, SCHEMA)
 
     def close(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        db = self._conn()
-        db.row_factory = sqlite3.Row
-        return list(db.execute(sql, params))
+        self._db.close()
 
     # --- batches ---------------------------------------------------------------------------------------
 
     def create_batch(self, batch: Batch, idempotency: IdempotencyRecord | None = None) -> tuple[Batch, bool]:
-        with self._tx() as db:
+        with self._db.tx() as db:
             if idempotency is not None:
                 row = db.execute(
                     "SELECT request_hash, batch_id, expires_at FROM idempotency WHERE key_hash = ?",
@@ -160,7 +125,7 @@ class SqliteStateStore:
         return codec.batch_from_dict(json.loads(row[0]))
 
     def get_batch(self, batch_id: str) -> Batch:
-        rows = self._read("SELECT data FROM batches WHERE batch_id = ?", (batch_id,))
+        rows = self._db.read("SELECT data FROM batches WHERE batch_id = ?", (batch_id,))
         if not rows:
             raise NotFound(f"no batch with id {batch_id!r}")
         return codec.batch_from_dict(json.loads(rows[0]["data"]), self.counters(batch_id))
@@ -168,16 +133,16 @@ class SqliteStateStore:
     def list_batches(self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None) -> list[Batch]:
         if statuses:
             marks = ",".join("?" * len(statuses))
-            rows = self._read(
+            rows = self._db.read(
                 f"SELECT batch_id, data FROM batches WHERE status IN ({marks}) ORDER BY created_at DESC LIMIT ?",  # noqa: S608
                 (*[s.value for s in statuses], limit),
             )
         else:
-            rows = self._read("SELECT batch_id, data FROM batches ORDER BY created_at DESC LIMIT ?", (limit,))
+            rows = self._db.read("SELECT batch_id, data FROM batches ORDER BY created_at DESC LIMIT ?", (limit,))
         return [codec.batch_from_dict(json.loads(r["data"]), self.counters(r["batch_id"])) for r in rows]
 
     def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]:
-        with self._tx() as db:
+        with self._db.tx() as db:
             current = self._load_batch(db, batch_id)
             updated = change(current)
             if updated is None:
@@ -189,11 +154,11 @@ class SqliteStateStore:
         return updated, True
 
     def counters(self, batch_id: str) -> Counters:
-        rows = self._read("SELECT state, COUNT(*) AS n FROM items WHERE batch_id = ? GROUP BY state", (batch_id,))
+        rows = self._db.read("SELECT state, COUNT(*) AS n FROM items WHERE batch_id = ? GROUP BY state", (batch_id,))
         return Counters.from_states({ItemState(r["state"]): int(r["n"]) for r in rows})
 
     def count_active(self, batch_id: str) -> int:
-        rows = self._read(
+        rows = self._db.read(
             "SELECT COUNT(*) AS n FROM items WHERE batch_id = ? AND state IN ('pending', 'running', 'retrying')",
             (batch_id,),
         )
@@ -203,7 +168,7 @@ class SqliteStateStore:
 
     def add_items(self, items: Sequence[Item]) -> int:
         created = 0
-        with self._tx() as db:
+        with self._db.tx() as db:
             for item in items:
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -214,13 +179,13 @@ class SqliteStateStore:
         return created
 
     def get_item(self, batch_id: str, item_id: str) -> Item:
-        rows = self._read("SELECT data FROM items WHERE batch_id = ? AND item_id = ?", (batch_id, item_id))
+        rows = self._db.read("SELECT data FROM items WHERE batch_id = ? AND item_id = ?", (batch_id, item_id))
         if not rows:
             raise NotFound(f"no series {item_id!r} in batch {batch_id!r}")
         return codec.item_from_dict(json.loads(rows[0]["data"]))
 
     def update_item(self, batch_id: str, item_id: str, change: ItemChange) -> tuple[Item, bool]:
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute(
                 "SELECT data FROM items WHERE batch_id = ? AND item_id = ?", (batch_id, item_id)
             ).fetchone()
@@ -247,11 +212,11 @@ class SqliteStateStore:
             where += f" AND state IN ({','.join('?' * len(states))})"
             params.extend(s.value for s in sorted(states))
         params.append(limit)
-        rows = self._read(f"SELECT data FROM items WHERE {where} ORDER BY item_id LIMIT ?", params)  # noqa: S608
+        rows = self._db.read(f"SELECT data FROM items WHERE {where} ORDER BY item_id LIMIT ?", params)  # noqa: S608
         return [codec.item_from_dict(json.loads(r["data"])) for r in rows]
 
     def find_stale(self, now: float, retrying_older_than: float, limit: int = 500) -> list[Item]:
-        rows = self._read(
+        rows = self._db.read(
             "SELECT data FROM items WHERE (state = 'running' AND lease_until < ?) "
             "OR (state = 'retrying' AND updated_at < ?) ORDER BY updated_at LIMIT ?",
             (now, retrying_older_than, limit),
@@ -263,7 +228,7 @@ class SqliteStateStore:
         unique = sorted(set(fingerprints))
         for start in range(0, len(unique), 500):
             part = unique[start : start + 500]
-            rows = self._read(
+            rows = self._db.read(
                 f"SELECT DISTINCT fingerprint FROM items WHERE dest_key = ? AND state = 'succeeded' "  # noqa: S608
                 f"AND fingerprint IN ({','.join('?' * len(part))})",
                 (dest_key, *part),
@@ -274,7 +239,7 @@ class SqliteStateStore:
     # --- expansion scratch ---------------------------------------------------------------------------
 
     def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             for chunk in chunks:
                 db.execute(
                     "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)",
@@ -283,13 +248,13 @@ class SqliteStateStore:
                 )  # fmt: skip
 
     def get_chunk(self, batch_id: str, chunk_no: int) -> ExpansionChunk:
-        rows = self._read("SELECT data FROM chunks WHERE batch_id = ? AND chunk_no = ?", (batch_id, chunk_no))
+        rows = self._db.read("SELECT data FROM chunks WHERE batch_id = ? AND chunk_no = ?", (batch_id, chunk_no))
         if not rows:
             raise NotFound(f"no expansion chunk {chunk_no} for batch {batch_id!r}")
         return codec.chunk_from_dict(json.loads(rows[0]["data"]))
 
     def put_chunk_results(self, batch_id: str, chunk_no: int, results: Sequence[ScanResult]) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute(
                 "SELECT data FROM chunks WHERE batch_id = ? AND chunk_no = ?", (batch_id, chunk_no)
             ).fetchone()
@@ -304,38 +269,38 @@ class SqliteStateStore:
             )
 
     def list_chunks(self, batch_id: str) -> list[ExpansionChunk]:
-        rows = self._read("SELECT data FROM chunks WHERE batch_id = ? ORDER BY chunk_no", (batch_id,))
+        rows = self._db.read("SELECT data FROM chunks WHERE batch_id = ? ORDER BY chunk_no", (batch_id,))
         return [codec.chunk_from_dict(json.loads(r["data"])) for r in rows]
 
     def count_unscanned_chunks(self, batch_id: str) -> int:
-        rows = self._read("SELECT COUNT(*) AS n FROM chunks WHERE batch_id = ? AND scanned = 0", (batch_id,))
+        rows = self._db.read("SELECT COUNT(*) AS n FROM chunks WHERE batch_id = ? AND scanned = 0", (batch_id,))
         return int(rows[0]["n"])
 
     def delete_chunks(self, batch_id: str) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute("DELETE FROM chunks WHERE batch_id = ?", (batch_id,))
 
     # --- Drive watch channels ----------------------------------------------------------------------------
 
     def put_channel(self, channel: WatchChannel) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO channels VALUES (?, ?, ?)",
                 (channel.channel_id, int(channel.active), _dumps(codec.channel_to_dict(channel))),
             )
 
     def get_channel(self, channel_id: str) -> WatchChannel | None:
-        rows = self._read("SELECT data FROM channels WHERE channel_id = ?", (channel_id,))
+        rows = self._db.read("SELECT data FROM channels WHERE channel_id = ?", (channel_id,))
         return codec.channel_from_dict(json.loads(rows[0]["data"])) if rows else None
 
     def list_channels(self, active_only: bool = True) -> list[WatchChannel]:
-        rows = self._read("SELECT data FROM channels WHERE active >= ?", (1 if active_only else 0,))
+        rows = self._db.read("SELECT data FROM channels WHERE active >= ?", (1 if active_only else 0,))
         return [codec.channel_from_dict(json.loads(r["data"])) for r in rows]
 
     def update_channel(
         self, channel_id: str, change: Callable[[WatchChannel], WatchChannel | None]
     ) -> tuple[WatchChannel, bool]:
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute("SELECT data FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no watch channel {channel_id!r}")
@@ -350,7 +315,7 @@ class SqliteStateStore:
         return updated, True
 
     def touch_pending_folder(self, folder_id: str, watch_folder_id: str, now: float) -> PendingFolder:
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute("SELECT data FROM pending_folders WHERE folder_id = ?", (folder_id,)).fetchone()
             if row is None or json.loads(row[0]).get("submitted_batch_id"):
                 folder = PendingFolder(folder_id, watch_folder_id, first_change_at=now, last_change_at=now)
@@ -364,14 +329,14 @@ class SqliteStateStore:
         return folder
 
     def list_pending_folders(self, quiet_since: float) -> list[PendingFolder]:
-        rows = self._read(
+        rows = self._db.read(
             "SELECT data FROM pending_folders WHERE submitted = 0 AND last_change_at <= ? ORDER BY last_change_at",
             (quiet_since,),
         )
         return [codec.pending_from_dict(json.loads(r["data"])) for r in rows]
 
     def mark_folder_submitted(self, folder_id: str, last_change_at: float, batch_id: str) -> bool:
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute("SELECT data FROM pending_folders WHERE folder_id = ?", (folder_id,)).fetchone()
             if row is None:
                 return False
