@@ -654,6 +654,7 @@ def demo(directory: Path, workers: int | None) -> None:
     from dicomflow import samples
     from dicomflow.demo import check_demo_result
 
+    directory = directory.resolve()
     dicom, nifti = directory / "dicom", directory / "nifti"
     if dicom.exists() or nifti.exists():
         import shutil

@@ -1130,6 +1130,7 @@ def make_demo_archive(root: Path, *, seed: int = 0, patients: Sequence[Patient] 
     ``patients`` (3 entries) replaces the demo identities, e.g. with :func:`phi_patient` values.
     The same seed gives byte-identical trees.
     """
+    root = Path(root).resolve()  # the DICOMDIR writer compares absolute paths
     pts = tuple(patients) if patients is not None else _DEFAULT_DEMO_PATIENTS
     if len(pts) != 3:
         raise ValueError("make_demo_archive needs exactly 3 patients")

@@ -193,3 +193,12 @@ def test_no_patient_identifier_leaves_the_conversion(tmp_path: Path) -> None:
     hits = [(where, s) for where, blob in haystacks.items() for s in secrets if s.encode().lower() in blob.lower()]
     assert hits == []
     assert json_result(result)["counters"]["succeeded"] == len(archive.with_outcome("convert"))
+
+
+def test_demo_runs_with_a_relative_directory_as_make_demo_does(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path)}
+    result = subprocess.run([DICOMFLOW, "demo", "--dir", "demo-out"], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=240, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "demo OK" in result.stdout
+    assert list((tmp_path / "demo-out" / "nifti").rglob("*.nii.gz"))
