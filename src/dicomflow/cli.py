@@ -20,7 +20,7 @@ import click
 from dicomflow.config import Mode, Settings, describe, load_settings
 from dicomflow.domain.failures import DicomflowError
 from dicomflow.domain.locations import Location, parse_location
-from dicomflow.domain.model import BatchStatus
+from dicomflow.domain.model import BatchStatus, ItemState
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.services.dead_letter import retry_dead_letters
 from dicomflow.services.submit import BatchRequest
@@ -254,7 +254,7 @@ def status(batch_id: str | None, state_path: str | None, api_url: str | None, wa
             return
         while True:
             batch = ctx.store.get_batch(batch_id)
-            failures = ctx.store.list_items(batch_id, frozenset({_dead()}), limit=200)
+            failures = ctx.store.list_items(batch_id, frozenset({ItemState.DEAD_LETTERED}), limit=200)
             if not watch or batch.is_final:
                 break
             click.echo(
@@ -423,12 +423,6 @@ def dev(log_dir: Path) -> None:
         fail(exc.reason)
 
 
-def _dead() -> Any:
-    from dicomflow.domain.model import ItemState
-
-    return ItemState.DEAD_LETTERED
-
-
 def _print_batches(batches: list[Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -480,7 +474,7 @@ def dlq_list(batch_id: str | None, state_path: str | None, api_url: str | None, 
         fail(exc.reason)
     rows = []
     for batch in batches:
-        for item in ctx.store.list_items(batch.batch_id, frozenset({_dead()}), limit=1000):
+        for item in ctx.store.list_items(batch.batch_id, frozenset({ItemState.DEAD_LETTERED}), limit=1000):
             rows.append((batch, item))
     if as_json:
         print_json(sys.stdout, [summary_dict(b, [i])["dead_letters"][0] | {"batch_id": b.batch_id} for b, i in rows])

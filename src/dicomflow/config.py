@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 from dicomflow.domain.failures import ConfigError
@@ -91,7 +90,6 @@ class Settings:
 
     # Google Drive
     drive_credentials: str = _setting("", "user OAuth token file for Drive (empty: the service's own identity)")
-    drive_client_secrets: str = _setting("", "OAuth client JSON used by `dicomflow auth` to create a user token")
     drive_endpoint: str = _setting("", "Drive API base URL override (tests and the fake Drive server only)")
     drive_identity: str = _setting("", "e-mail of the account dicomflow uses on Drive (named in error messages)")
     drive_service_account: str = _setting(
@@ -129,12 +127,6 @@ class Settings:
         """An attempt's lease outlives the dispatch deadline so that Cloud Tasks' re-dispatch of a slow
         attempt (GCP_FACTS gotcha 11) finds the item still leased and does not run it twice."""
         return float(self.dispatch_deadline_seconds + self.lease_margin_seconds)
-
-    def redacted(self) -> dict[str, Any]:
-        return {
-            f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else getattr(self, f.name))
-            for f in fields(self)
-        }
 
 
 def env_name(setting: str) -> str:
@@ -251,7 +243,3 @@ def _validate(settings: Settings) -> None:
             f"{env_name('convert_timeout_seconds')} must be shorter than "
             f"{env_name('dispatch_deadline_seconds')}, or Cloud Tasks re-dispatches a series still converting"
         )
-
-
-def settings_path(value: str) -> Path | None:
-    return Path(value).expanduser() if value else None

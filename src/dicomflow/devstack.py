@@ -141,14 +141,6 @@ def start_firestore(log_dir: Path, port: int | None = None) -> tuple[Managed, st
     return managed, host
 
 
-def reset_firestore(host: str, project: str) -> None:
-    """Delete every document of `project` in the emulator (GCP_FACTS §5)."""
-    url = f"http://{host}/emulator/v1/projects/{project}/databases/(default)/documents"
-    request = urllib.request.Request(url, method="DELETE")
-    with urllib.request.urlopen(request, timeout=30):  # noqa: S310
-        pass
-
-
 def queue_ids(settings: Settings) -> list[str]:
     return [settings.queue_convert, settings.queue_dead_letter, settings.queue_expand, settings.queue_changes]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import multiprocessing
 import os
 import shutil
@@ -30,6 +31,8 @@ from dicomflow.ports import QueueName
 from dicomflow.services.context import Context
 from dicomflow.services.reconcile import reconcile
 from dicomflow.services.submit import BatchRequest, find_resumable, submit
+
+log = logging.getLogger(__name__)
 
 STATE_HOME = Path.home() / ".local" / "state" / "dicomflow"
 LAST_STATE = STATE_HOME / "last-state"
@@ -141,9 +144,14 @@ def run_queue(session: LocalSession, on_step: Callable[[Any], None], on_tick: Ca
 
     session.runner.on_idle_tick = tick
     try:
-        return session.runner.run()
+        stats = session.runner.run()
     finally:
         drain(session.progress_queue, on_step)
+    log.info(
+        "local queue drained: %d deliveries, %d retried, %d dropped after their last attempt, %d worker crashes",
+        stats.delivered, stats.retried, stats.dropped, stats.worker_crashes,
+    )  # fmt: skip
+    return stats
 
 
 def start_or_resume(session: LocalSession, request: BatchRequest) -> tuple[Batch, bool]:

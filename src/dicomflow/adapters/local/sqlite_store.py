@@ -11,7 +11,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from dicomflow.adapters import codec
 from dicomflow.adapters.local.sqlite import SqliteDatabase
@@ -26,8 +26,6 @@ from dicomflow.ports import (
     PendingFolder,
     WatchChannel,
 )
-
-T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
