@@ -232,3 +232,32 @@ def test_dev_stack_push_to_batch_with_faults(tmp_path: Path, tmp_path_factory: p
             assert sorted(f["name"] for f in fake.children(mirror["id"])) == ["1_CT_Head.json", "1_CT_Head.nii.gz"]
     finally:
         fake.stop()
+
+
+def test_watch_list_and_remove_from_the_cli(tmp_path: Path) -> None:
+    fake = FakeDrive(seed=4)
+    fake.start()
+    try:
+        env = {**os.environ, "HOME": str(tmp_path), "DICOMFLOW_DRIVE_ENDPOINT": fake.base_url,
+               "DICOMFLOW_DRIVE_IDENTITY": drive.IDENTITY, "DICOMFLOW_WEBHOOK_URL": "https://example.invalid/hook",
+               "DICOMFLOW_WEBHOOK_TOKEN": TOKEN}  # fmt: skip
+        dicomflow = str(Path(sys.executable).parent / "dicomflow")
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([dicomflow, *args], capture_output=True, text=True, env=env, timeout=60, check=False)
+
+        fake.delivery_mode = "manual"  # the address is not reachable from here
+        watched, dest = fake.add_folder("w", fake.root_id), fake.add_folder("d", fake.root_id)
+        added = run("watch", "add", "--folder", watched, "--dest", dest, "--label", "lab")
+        assert added.returncode == 0, added.stderr
+        channel_id = json.loads(added.stdout)["channel_id"]
+        assert channel_id in run("watch", "list").stdout
+        assert [c["id"] for c in fake.channels] == [channel_id]
+        assert run("watch", "remove", channel_id).returncode == 0
+        assert fake.channels == []  # channels.stop reached Drive
+        assert run("watch", "list").stdout.strip() == "no watch channels"
+        assert "(stopped)" in run("watch", "list", "--all").stdout
+        missing = run("watch", "add", "--folder", "0" * 20, "--dest", dest)
+        assert missing.returncode == 1 and drive.IDENTITY in missing.stderr  # names the account to share with
+    finally:
+        fake.stop()

@@ -90,6 +90,18 @@ def test_bad_submissions_get_problem_json_naming_the_field(
     assert ctx.store.list_batches() == []  # nothing partially created
 
 
+def test_a_batch_over_the_configured_maximum_is_refused(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    ctx = bootstrap.build(make_settings(max_batch_sources=2), queue=InlineQueue())
+    folders = [str(tmp_path / f"s{n}") for n in range(3)]
+    for folder in folders:
+        Path(folder).mkdir()
+    response = api_client(ctx).post("/batches", json={"source": folders, "destination": str(tmp_path / "out")})
+    assert response.status_code == 422
+    problem = problem_of(response)
+    assert problem["field"] == "source" and "at most 2" in problem["detail"]
+    assert ctx.store.list_batches() == []
+
+
 def test_submit_answers_202_then_status_shows_the_finished_batch(
     ctx: Context, archive: samples.DemoArchive, tmp_path: Path
 ) -> None:

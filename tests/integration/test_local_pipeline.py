@@ -241,3 +241,27 @@ def test_existing_foreign_file_is_never_overwritten(
     assert [d.output_stem for d in dead] == ["1_CT_Head"]
     assert dead[0].failure is not None and "was not written by dicomflow" in dead[0].failure.reason
     assert_invariant(ctx, batch_id)
+
+
+def test_a_series_bigger_than_the_worker_is_refused_before_any_download(
+    archive: samples.DemoArchive, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    fetched: list[int] = []
+    from dicomflow.adapters.local.files import LocalFolderSource
+    from dicomflow.domain.locations import LocationKind
+
+    class CountingSource(LocalFolderSource):
+        def fetch(self, refs, dest_dir, progress=None):  # type: ignore[no-untyped-def]
+            fetched.append(len(refs))
+            return super().fetch(refs, dest_dir, progress)
+
+    # 100 MiB is less than any series needs: the fixed allowance for dcm2niix alone is 256 MiB.
+    ctx = bootstrap.build(make_settings(memory_budget_mb=100), queue=InlineQueue(),
+                          sources={LocationKind.LOCAL: CountingSource})  # fmt: skip
+    batch_id = run_batch(ctx, str(archive.root / "sub-01" / "ses-02"), str(tmp_path / "out"))
+    items = ctx.store.list_items(batch_id)
+    refused = [i for i in items if i.failure is not None and i.failure.code == "series_too_large"]
+    assert refused and all(i.state is ItemState.DEAD_LETTERED and i.attempts == 1 for i in refused)
+    assert "100 MiB" in refused[0].failure.reason and "needs about" in refused[0].failure.reason  # type: ignore[union-attr]
+    assert fetched == []  # refused before downloading anything
+    assert_invariant(ctx, batch_id)
