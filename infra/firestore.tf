@@ -7,8 +7,10 @@ resource "google_firestore_database" "this" {
   location_id = local.firestore_location
   type        = "FIRESTORE_NATIVE"
 
-  # Counters move inside transactions together with item state (DESIGN.md invariant 2).
-  concurrency_mode                  = "PESSIMISTIC"
+  # dicomflow uses no multi-document transactions: each state transition is one write conditioned on
+  # the document's update time, and counters are count() aggregations (docs/architecture.md). Optimistic
+  # mode keeps any reader from ever taking a lock.
+  concurrency_mode                  = "OPTIMISTIC"
   point_in_time_recovery_enablement = var.firestore_point_in_time_recovery ? "POINT_IN_TIME_RECOVERY_ENABLED" : "POINT_IN_TIME_RECOVERY_DISABLED"
 
   # Deletion protection on by default: the API refuses to delete the database, and terraform destroy
@@ -20,77 +22,48 @@ resource "google_firestore_database" "this" {
 }
 
 # --- composite indexes ------------------------------------------------------------------------------------
+# One per query the code runs that single-field indexes cannot serve (adapters/firestore_store.py).
 
-# Already-converted series across batches (skip unless `force`): items with this destination and
-# fingerprint that succeeded.
-resource "google_firestore_index" "items_dest_state_fingerprint" {
-  project     = var.project_id
-  database    = google_firestore_database.this.name
-  collection  = "items"
-  query_scope = "COLLECTION_GROUP"
-
-  fields {
-    field_path = "dest_key"
-    order      = "ASCENDING"
-  }
-  fields {
-    field_path = "state"
-    order      = "ASCENDING"
-  }
-  fields {
-    field_path = "fingerprint"
-    order      = "ASCENDING"
-  }
-}
-
-# Reconciler: items `running` whose lease expired.
-resource "google_firestore_index" "items_state_lease" {
-  project     = var.project_id
-  database    = google_firestore_database.this.name
-  collection  = "items"
-  query_scope = "COLLECTION_GROUP"
-
-  fields {
-    field_path = "state"
-    order      = "ASCENDING"
-  }
-  fields {
-    field_path = "lease_until"
-    order      = "ASCENDING"
+locals {
+  firestore_indexes = {
+    # Already-converted series across batches (skipped unless `force`): items with this destination and
+    # fingerprint that succeeded.
+    items_dest_state_fingerprint = {
+      collection = "items", scope = "COLLECTION_GROUP"
+      fields     = [["dest_key", "ASCENDING"], ["state", "ASCENDING"], ["fingerprint", "ASCENDING"]]
+    }
+    # Reconciler: items `running` whose lease expired.
+    items_state_lease = {
+      collection = "items", scope = "COLLECTION_GROUP"
+      fields     = [["state", "ASCENDING"], ["lease_until", "ASCENDING"]]
+    }
+    # Reconciler: items `retrying` for much longer than the longest backoff (lost task).
+    items_state_updated = {
+      collection = "items", scope = "COLLECTION_GROUP"
+      fields     = [["state", "ASCENDING"], ["updated_at", "ASCENDING"]]
+    }
+    # Batch listings by status, newest first (CLI status, reconciler's stalled expansions).
+    batches_status_created = {
+      collection = "batches", scope = "COLLECTION"
+      fields     = [["status", "ASCENDING"], ["created_at", "DESCENDING"]]
+    }
   }
 }
 
-# Reconciler: items `retrying` for much longer than the longest backoff (lost task).
-resource "google_firestore_index" "items_state_updated" {
+resource "google_firestore_index" "this" {
+  for_each = local.firestore_indexes
+
   project     = var.project_id
   database    = google_firestore_database.this.name
-  collection  = "items"
-  query_scope = "COLLECTION_GROUP"
+  collection  = each.value.collection
+  query_scope = each.value.scope
 
-  fields {
-    field_path = "state"
-    order      = "ASCENDING"
-  }
-  fields {
-    field_path = "updated_at"
-    order      = "ASCENDING"
-  }
-}
-
-# Batch listings by status, newest first (CLI status, reconciler's stalled expansions).
-resource "google_firestore_index" "batches_status_created" {
-  project     = var.project_id
-  database    = google_firestore_database.this.name
-  collection  = "batches"
-  query_scope = "COLLECTION"
-
-  fields {
-    field_path = "status"
-    order      = "ASCENDING"
-  }
-  fields {
-    field_path = "created_at"
-    order      = "DESCENDING"
+  dynamic "fields" {
+    for_each = each.value.fields
+    content {
+      field_path = fields.value[0]
+      order      = fields.value[1]
+    }
   }
 }
 
