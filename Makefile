@@ -101,7 +101,7 @@ test: tools
 	done; \
 	echo; $(VENV)/bin/coverage combine --quiet 2>/dev/null || true; \
 	if ! $(VENV)/bin/coverage report > .coverage-report.txt; then failed="$$failed coverage"; fi; \
-	tail -1 .coverage-report.txt; echo "(branch coverage of src/ over all tiers; the floor is fail_under in pyproject.toml)"; \
+	grep TOTAL .coverage-report.txt; echo "(branch coverage of src/ over all tiers; the floor is fail_under in pyproject.toml)"; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; \
 	echo "all tiers passed: $(TIERS)"
 
