@@ -156,9 +156,9 @@ def run_queue(session: LocalSession, on_step: Callable[[Any], None], on_tick: Ca
 
 def start_or_resume(session: LocalSession, request: BatchRequest) -> tuple[Batch, bool]:
     """The unfinished batch for this same request, or a new one. Returns (batch, resumed)."""
-    existing = find_resumable(session.ctx, request, session.ctx.store.list_batches(limit=50))
+    existing = find_resumable(request, session.ctx.store.list_batches(limit=50, counted=False))
     if existing is not None:
-        return existing, True
+        return session.ctx.store.get_batch(existing.batch_id), True  # counted: the CLI reports progress
     return submit(session.ctx, request).batch, False
 
 

@@ -235,11 +235,15 @@ class StateStore(Protocol):
         """Store a new batch. With an idempotency record whose key is already known (and not expired),
         return the existing batch and False instead (Conflict if the request hash differs)."""
 
-    def get_batch(self, batch_id: str) -> Batch:
-        """The batch with fresh counters; NotFound if unknown."""
+    def get_batch(self, batch_id: str, *, counted: bool = True) -> Batch:
+        """The batch; NotFound if unknown. Counters are counted afresh unless `counted` is False (callers
+        that only need the status and request: counting costs a query per state in Firestore); then
+        `counters` is the snapshot stored with the batch."""
 
-    def list_batches(self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None) -> list[Batch]:
-        """Most recent first, with counters; only those in `statuses` when given."""
+    def list_batches(
+        self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
+    ) -> list[Batch]:
+        """Most recent first; only those in `statuses` when given. `counted` as for get_batch."""
 
     def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]: ...
 

@@ -12,7 +12,7 @@ import pytest
 from dicomflow.domain import model
 from dicomflow.domain.failures import Conflict, Failure, NotFound
 from dicomflow.domain.locations import parse_location
-from dicomflow.domain.model import BatchStatus, ItemState
+from dicomflow.domain.model import BatchStatus, Counters, ItemState
 from dicomflow.domain.series import (
     ConversionOptions,
     DicomHeader,
@@ -112,6 +112,9 @@ def test_items_are_created_once_and_counters_follow_states(store: StateStore) ->
     store.update_item("b1", items[1].item_id, lambda i: model.skip(i, 2.0, "r"))
     counters = store.get_batch("b1").counters
     assert (counters.pending, counters.running, counters.skipped, counters.finished) == (3, 1, 1, 1)
+    # Not counted: the snapshot stored with the batch (still the empty one from its creation).
+    assert store.get_batch("b1", counted=False).counters == Counters()
+    assert [b.counters for b in store.list_batches(counted=False)] == [Counters()]
 
 
 def test_item_round_trip_keeps_every_field(store: StateStore) -> None:

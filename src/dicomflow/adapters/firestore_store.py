@@ -202,19 +202,21 @@ class FirestoreStateStore:
         existing = self._read_modify_write(key_ref, claim_key, write_batch)
         return (existing, False) if existing is not None else (batch, True)
 
-    def get_batch(self, batch_id: str) -> Batch:
+    def get_batch(self, batch_id: str, *, counted: bool = True) -> Batch:
         snap = self._batch_ref(batch_id).get()
         if not snap.exists:
             raise NotFound(f"no batch with id {batch_id!r}")
-        return self._batch_from(snap.to_dict() or {}, self.counters(batch_id))
+        return self._batch_from(snap.to_dict() or {}, self.counters(batch_id) if counted else None)
 
-    def list_batches(self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None) -> list[Batch]:
+    def list_batches(
+        self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
+    ) -> list[Batch]:
         query: Any = self._db.collection("batches")
         if statuses:
             query = query.where(filter=FieldFilter("status", "in", sorted(s.value for s in statuses)))
         query = query.order_by("created_at", direction=firestore.Query.DESCENDING).limit(limit)
         snaps = list(query.stream())
-        return [self._batch_from(s.to_dict() or {}, self.counters(s.id)) for s in snaps]
+        return [self._batch_from(s.to_dict() or {}, self.counters(s.id) if counted else None) for s in snaps]
 
     def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]:
         def compute(current: dict[str, Any] | None) -> tuple[dict[str, Any] | None, tuple[Batch, bool]]:

@@ -105,7 +105,7 @@ def worker_id() -> str:
 
 
 def convert_series(ctx: Context, payload: ConvertPayload, attempt: Attempt) -> ConvertResult:
-    batch = ctx.store.get_batch(payload.batch_id)
+    batch = ctx.store.get_batch(payload.batch_id, counted=False)  # only its status and request
     if batch.status is BatchStatus.CANCELLED:
         item, changed = ctx.store.update_item(
             payload.batch_id, payload.item_id, lambda i: model.cancel_item(i, ctx.clock(), CANCELLED)

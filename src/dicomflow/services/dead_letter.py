@@ -71,7 +71,7 @@ def _redrive(item: model.Item, *, now: float, files: tuple[FileRef, ...]) -> mod
 
 def retry_dead_letters(ctx: Context, batch_id: str) -> int:
     """Put every dead-lettered series of the batch back in the queue with a fresh attempt budget."""
-    batch = ctx.store.get_batch(batch_id)
+    batch = ctx.store.get_batch(batch_id, counted=False)
     if batch.status in (BatchStatus.CANCELLED, BatchStatus.FAILED, BatchStatus.EXPANDING):
         raise Conflict(
             f"batch {batch_id} is {batch.status.value}; only series of a running or completed batch can be retried"

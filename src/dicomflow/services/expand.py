@@ -74,7 +74,7 @@ def handle_expand(ctx: Context, payload: ExpandPayload, attempt: Attempt) -> Non
     """Run one expansion step. A permanent error, or a transient one on the last attempt, fails the
     batch with the reason (never leaves it silently `expanding`); other transient errors propagate so
     the queue retries the step."""
-    batch = ctx.store.get_batch(payload.batch_id)
+    batch = ctx.store.get_batch(payload.batch_id, counted=False)
     if batch.status is not BatchStatus.EXPANDING:
         return  # a duplicate or late delivery: expansion already finished (or the batch was cancelled)
     try:

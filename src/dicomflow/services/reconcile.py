@@ -67,7 +67,8 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
             requeued += 1
 
     restarted = completed = 0
-    for batch in ctx.store.list_batches(limit=500, statuses=frozenset({BatchStatus.EXPANDING, BatchStatus.RUNNING})):
+    unfinished = frozenset({BatchStatus.EXPANDING, BatchStatus.RUNNING})
+    for batch in ctx.store.list_batches(limit=500, statuses=unfinished, counted=False):
         if batch.status is BatchStatus.RUNNING:
             completed += int(maybe_complete(ctx, batch.batch_id))
         elif not all_leases_expired and now - batch.updated_at > EXPANSION_STALL_SECONDS:

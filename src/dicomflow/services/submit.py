@@ -129,7 +129,7 @@ def submit(
     return SubmitResult(stored, created)
 
 
-def find_resumable(ctx: Context, request: BatchRequest, candidates: Sequence[Batch]) -> Batch | None:
+def find_resumable(request: BatchRequest, candidates: Sequence[Batch]) -> Batch | None:
     """An unfinished batch with exactly this request (local mode resumes it after an interruption)."""
     for batch in candidates:
         if (

@@ -122,13 +122,15 @@ class SqliteStateStore:
             raise NotFound(f"no batch with id {batch_id!r}")
         return codec.batch_from_dict(json.loads(row[0]))
 
-    def get_batch(self, batch_id: str) -> Batch:
+    def get_batch(self, batch_id: str, *, counted: bool = True) -> Batch:
         rows = self._db.read("SELECT data FROM batches WHERE batch_id = ?", (batch_id,))
         if not rows:
             raise NotFound(f"no batch with id {batch_id!r}")
-        return codec.batch_from_dict(json.loads(rows[0]["data"]), self.counters(batch_id))
+        return codec.batch_from_dict(json.loads(rows[0]["data"]), self.counters(batch_id) if counted else None)
 
-    def list_batches(self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None) -> list[Batch]:
+    def list_batches(
+        self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
+    ) -> list[Batch]:
         if statuses:
             marks = ",".join("?" * len(statuses))
             rows = self._db.read(
@@ -137,7 +139,10 @@ class SqliteStateStore:
             )
         else:
             rows = self._db.read("SELECT batch_id, data FROM batches ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [codec.batch_from_dict(json.loads(r["data"]), self.counters(r["batch_id"])) for r in rows]
+        return [
+            codec.batch_from_dict(json.loads(r["data"]), self.counters(r["batch_id"]) if counted else None)
+            for r in rows
+        ]
 
     def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]:
         with self._db.tx() as db:
