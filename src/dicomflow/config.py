@@ -48,9 +48,24 @@ class Settings:
     retry_max_backoff_seconds: float = _setting(600.0, "longest retry delay (Cloud Tasks max_backoff)")
     retry_max_doublings: int = _setting(4, "times the retry delay doubles before growing linearly")
 
+    # Dispatch deadlines, one per queue, each equal to its handler's timeout (infra/main.tf sets both from
+    # one number): Cloud Tasks defaults to 10 minutes for any task that does not set one (GCP_FACTS gotcha 23)
+    # and re-dispatches the task while the first attempt may still be running.
     dispatch_deadline_seconds: int = _setting(1800, "Cloud Tasks dispatch deadline of convert tasks (max 1800)")
-    lease_margin_seconds: int = _setting(120, "a conversion's lease outlives the dispatch deadline by this much")
+    expand_dispatch_deadline_seconds: int = _setting(1800, "dispatch deadline of expansion and redrive tasks")
+    dead_letter_dispatch_deadline_seconds: int = _setting(300, "dispatch deadline of dead-letter tasks")
+    changes_dispatch_deadline_seconds: int = _setting(540, "dispatch deadline of Drive changes tasks")
+    answer_margin_seconds: int = _setting(
+        60, "an attempt stops working this long before its dispatch deadline, to record the outcome and answer"
+    )
+    lease_seconds: int = _setting(
+        300, "a conversion holds its series this long and renews the lease while it works (heartbeat)"
+    )
     convert_timeout_seconds: int = _setting(1500, "dcm2niix is stopped after this many seconds")
+    retention_days: int = _setting(30, "batches and their series are deleted this many days after they finish")
+    sidecar_extra_keys: str = _setting(
+        "", "comma-separated JSON sidecar keys to keep beyond the privacy allow-list (docs/privacy.md); off by default"
+    )
     memory_budget_mb: int = _setting(0, "refuse series needing more memory/disk than this (0 = no limit)")
     download_concurrency: int = _setting(16, "parallel downloads per series from Drive")
     expand_chunk_files: int = _setting(1000, "files per expansion task when a source is large")
@@ -122,11 +137,6 @@ class Settings:
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
 
-    @property
-    def lease_seconds(self) -> float:
-        """An attempt's lease outlives the dispatch deadline so that Cloud Tasks' re-dispatch of a slow
-        attempt (GCP_FACTS gotcha 11) finds the item still leased and does not run it twice."""
-        return float(self.dispatch_deadline_seconds + self.lease_margin_seconds)
 
 
 def env_name(setting: str) -> str:
@@ -206,7 +216,24 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
         "must be between 15 and 1800 (Cloud Tasks limits)",
     ),
     ("convert_timeout_seconds", lambda v: v >= 1, "must be >= 1"),
-    ("lease_margin_seconds", lambda v: v >= 0, "must be >= 0"),
+    ("lease_seconds", lambda v: 10 <= v <= 3600, "must be between 10 and 3600"),
+    ("answer_margin_seconds", lambda v: 0 <= v <= 600, "must be between 0 and 600"),
+    (
+        "expand_dispatch_deadline_seconds",
+        lambda v: 15 <= v <= 1800,
+        "must be between 15 and 1800 (Cloud Tasks limits)",
+    ),
+    (
+        "dead_letter_dispatch_deadline_seconds",
+        lambda v: 15 <= v <= 1800,
+        "must be between 15 and 1800 (Cloud Tasks limits)",
+    ),
+    (
+        "changes_dispatch_deadline_seconds",
+        lambda v: 15 <= v <= 1800,
+        "must be between 15 and 1800 (Cloud Tasks limits)",
+    ),
+    ("retention_days", lambda v: 1 <= v <= 3650, "must be between 1 and 3650"),
     ("reconcile_interval_seconds", lambda v: v >= 1, "must be >= 1"),
     ("memory_budget_mb", lambda v: v >= 0, "must be >= 0"),
     ("download_concurrency", lambda v: 1 <= v <= 64, "must be between 1 and 64"),

@@ -268,9 +268,10 @@ def dev_stack(
         }
         for f in (
             "retry_max_attempts", "retry_min_backoff_seconds", "retry_max_backoff_seconds", "retry_max_doublings",
-            "dispatch_deadline_seconds", "convert_timeout_seconds", "lease_margin_seconds", "settle_seconds",
-            "webhook_token", "drive_endpoint", "work_dir", "webhook_window_seconds", "drive_identity",
-            "drive_max_retry_sleep_seconds",
+            "dispatch_deadline_seconds", "expand_dispatch_deadline_seconds", "dead_letter_dispatch_deadline_seconds",
+            "changes_dispatch_deadline_seconds", "convert_timeout_seconds", "lease_seconds", "answer_margin_seconds",
+            "settle_seconds", "retention_days", "webhook_token", "drive_endpoint", "work_dir", "webhook_window_seconds",
+            "drive_identity", "drive_max_retry_sleep_seconds",
         ):  # fmt: skip
             value = getattr(settings, f)
             if value not in ("", None):

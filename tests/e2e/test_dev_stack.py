@@ -104,7 +104,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[devstack.D
     interceptor = Interceptor()
     settings = load_settings(
         environ={}, mode="cloud", tasks_emulator_python=python, retry_max_attempts=MAX_ATTEMPTS,
-        dispatch_deadline_seconds=15, convert_timeout_seconds=10, lease_margin_seconds=3, reconcile_interval_seconds=2,
+        dispatch_deadline_seconds=15, convert_timeout_seconds=10, lease_seconds=18, reconcile_interval_seconds=2,
         work_dir=str(tmp_path_factory.mktemp("work")),
     )  # fmt: skip
     logs = tmp_path_factory.mktemp("logs")
