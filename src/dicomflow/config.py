@@ -138,7 +138,6 @@ class Settings:
         return self.workers or os.cpu_count() or 1
 
 
-
 def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.upper()
 
