@@ -18,6 +18,7 @@ from typing import Any
 from dicomflow import logs
 from dicomflow.adapters.dcm2niix import Dcm2niixConverter
 from dicomflow.adapters.dicom_headers import SequentialScanner, ThreadedScanner
+from dicomflow.adapters.heartbeat import ThreadHeartbeat
 from dicomflow.adapters.local.files import LocalFolderSink, LocalFolderSource
 from dicomflow.adapters.local.queue import SqliteTaskQueue, TaskRunner
 from dicomflow.adapters.local.sqlite_store import SqliteStateStore
@@ -29,6 +30,7 @@ from dicomflow.ports import (
     ChangeFeed,
     Converter,
     HeaderScanner,
+    Heartbeat,
     QueueName,
     Sink,
     Source,
@@ -56,6 +58,8 @@ def build(
     progress: StepProgress | None = None,
     work_dir: Path | None = None,
     change_feed: Callable[[], ChangeFeed] | None = None,
+    heartbeat: Heartbeat | None = None,
+    new_id: Callable[[int], str] | None = None,
 ) -> Context:
     clock = clock or time.time
     if settings.mode is Mode.LOCAL:
@@ -80,6 +84,7 @@ def build(
         scanners=scanners
         or {LocationKind.LOCAL: SequentialScanner(), LocationKind.DRIVE: ThreadedScanner(DRIVE_SCAN_THREADS)},
         work_dir=work_dir or _work_dir(settings),
+        heartbeat=heartbeat or ThreadHeartbeat(),
         clock=clock,
         scan_parallelism=parallelism,
         change_feed=change_feed or (lambda: drive().change_feed()),
@@ -87,6 +92,8 @@ def build(
     )
     if progress is not None:
         ctx.progress = progress
+    if new_id is not None:
+        ctx.new_id = new_id
     return ctx
 
 

@@ -513,10 +513,10 @@ def dlq_retry(
     settings = _settings(mode=Mode.LOCAL, state_path=base.state_path, workers=workers)
 
     def start(session: Any) -> tuple[Any, bool]:
-        count = retry_dead_letters(session.ctx, batch_id)
+        _, count = retry_dead_letters(session.ctx, batch_id)
         if count == 0:
             fail(f"batch {batch_id} has no dead-lettered series")
-        click.echo(f"re-enqueued {count} series", err=True)
+        click.echo(f"retrying {count} dead-lettered series", err=True)
         return session.ctx.store.get_batch(batch_id), False
 
     sys.exit(_run_local(settings, start, as_json, quiet))

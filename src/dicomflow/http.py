@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter, Map, Rule
 
-from dicomflow.config import Mode
+from dicomflow.config import Mode, Settings
 from dicomflow.domain.failures import (
     AccessDenied,
     Conflict,
@@ -182,8 +182,21 @@ def parse_batch_request(body: Any, *, allow_local: bool) -> BatchRequest:
     return BatchRequest(sources, destination, ConversionOptions(compress=compress, merge_2d=merge), label, force)
 
 
-def task_attempt(request: Request) -> Attempt:
-    """What Cloud Tasks tells the handler about this delivery (GCP_FACTS §4 'Headers delivered')."""
+def dispatch_deadline(settings: Settings, queue: QueueName) -> float:
+    """The dispatch deadline this queue's tasks carry (the adapter sets it on each task it creates)."""
+    return float(
+        {
+            QueueName.CONVERT: settings.dispatch_deadline_seconds,
+            QueueName.EXPAND: settings.expand_dispatch_deadline_seconds,
+            QueueName.DEAD_LETTER: settings.dead_letter_dispatch_deadline_seconds,
+            QueueName.CHANGES: settings.changes_dispatch_deadline_seconds,
+        }[queue]
+    )
+
+
+def task_attempt(request: Request, *, received_at: float | None = None, deadline: float | None = None) -> Attempt:
+    """What Cloud Tasks tells the handler about this delivery (GCP_FACTS §4 'Headers delivered'), and
+    when the handler must have answered: the dispatch deadline counts from the request's arrival."""
     raw = request.headers.get("X-CloudTasks-TaskRetryCount", "0")
     try:
         retry_count = max(0, int(raw))
@@ -193,6 +206,7 @@ def task_attempt(request: Request) -> Attempt:
         retry_count=retry_count,
         task_id=request.headers.get("X-CloudTasks-TaskName", ""),
         queue=request.headers.get("X-CloudTasks-QueueName", ""),
+        deadline_at=None if received_at is None or deadline is None else received_at + deadline,
     )
 
 
@@ -209,7 +223,9 @@ def handle_task_request(provider: ContextProvider, queue: QueueName, request: Re
     except _HttpError as exc:
         return exc.response
     try:
-        result = handle_task(provider(), queue, payload, task_attempt(request))
+        ctx = provider()
+        attempt = task_attempt(request, received_at=ctx.clock(), deadline=dispatch_deadline(ctx.settings, queue))
+        result = handle_task(ctx, queue, payload, attempt)
     except DicomflowError as exc:
         return error_response(exc)
     if result.error is not None:
@@ -287,8 +303,11 @@ def _dispatch(provider: ContextProvider, endpoint: str, args: Mapping[str, Any],
     if endpoint == "get":
         return json_response(_status_json(ctx, request, batch_id))
     if endpoint == "retry":
-        count = retry_dead_letters(ctx, batch_id)
-        return json_response({"batch_id": batch_id, "redriven": count}, status=202)
+        batch, count = retry_dead_letters(ctx, batch_id)
+        # Accepted: a redrive task moves the series back into the queue (GET the batch to follow it).
+        return json_response(
+            {"batch_id": batch_id, "redriven": count, "status_url": status_url(ctx, request, batch_id)}, status=202
+        )
     batch = cancel_batch(ctx, batch_id)
     return json_response(_batch_json(batch), status=202)
 

@@ -96,8 +96,17 @@ class Converter(Protocol):
     @property
     def version(self) -> str: ...
 
-    def convert(self, input_dir: Path, output_dir: Path, stem: str, options: ConversionOptions) -> ConverterRun:
-        """Convert every DICOM file in `input_dir` (one series) into `output_dir`, named from `stem`."""
+    def convert(
+        self,
+        input_dir: Path,
+        output_dir: Path,
+        stem: str,
+        options: ConversionOptions,
+        *,
+        timeout_seconds: float | None = None,
+    ) -> ConverterRun:
+        """Convert every DICOM file in `input_dir` (one series) into `output_dir`, named from `stem`; stop
+        after `timeout_seconds` (default: the converter's own limit) with ConverterTimeout."""
 
 
 class QueueName(StrEnum):
@@ -116,28 +125,59 @@ class Task:
 
 
 class TaskQueue(Protocol):
+    """Cloud Tasks' semantics (GCP_FACTS §4): a named task is created once — a name stays blocked while
+    the task exists and for a while after it ran or was dropped; a task is delivered at least once (rarely
+    twice, even concurrently); an attempt that does not answer 2xx within the dispatch deadline is retried
+    with backoff while it may still be running; after the last attempt the task is dropped silently."""
+
     def enqueue(self, tasks: Sequence[Task]) -> None:
-        """Create the tasks. Creating a task whose id already exists is success, not an error."""
+        """Create the tasks. A task whose name is taken (it exists, or ran recently) is not created
+        again, and that is success, not an error."""
+
+    def exists(self, queue: QueueName, task_id: str) -> bool | None:
+        """Whether the task is still in the queue (waiting, running or scheduled for a retry): False once
+        it succeeded or was dropped. None when the queue cannot tell (then the caller goes by time)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """What the queue tells a handler about the delivery (X-CloudTasks-* headers)."""
+    """What the queue tells a handler about the delivery (X-CloudTasks-* headers), and the time by which
+    the handler must have answered: Cloud Tasks counts an attempt as failed at its dispatch deadline and
+    dispatches the task again while this attempt may still be running (GCP_FACTS gotchas 11, 25)."""
 
     retry_count: int = 0
     task_id: str = ""
     queue: str = ""
+    deadline_at: float | None = None  # answer before this time (clock of the Context); None: no deadline
+
+
+class HeartbeatHandle(Protocol):
+    @property
+    def alive(self) -> bool:
+        """False once a beat reported that the work lost its claim: the worker must stop."""
+
+    def stop(self) -> None: ...
+
+
+class Heartbeat(Protocol):
+    """Runs `beat` every `every` seconds while long work goes on (a lease renewal). `beat` returns False
+    when the claim is lost; a beat that raises is retried at the next tick (a passing store outage)."""
+
+    def start(self, beat: Callable[[], bool], every: float) -> HeartbeatHandle: ...
 
 
 @dataclass(frozen=True, slots=True)
 class ExpansionChunk:
-    """A slice of a large source's file list, scanned by one task (fan-out of expansion)."""
+    """A slice of a large source's file list, scanned by one task (fan-out of expansion). Chunks belong
+    to one listing (see Batch.listing): two deliveries of a list step may cut a changing folder
+    differently, and only the listing the batch records is ever scanned."""
 
     batch_id: str
     chunk_no: int
     files: tuple[FileRef, ...]
     skipped: tuple[SkippedFile, ...] = ()
     results: tuple[ScanResult, ...] | None = None
+    listing: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +266,11 @@ class StateStore(Protocol):
     """Batches, items (one record per series), expansion scratch, idempotency keys and watch channels.
 
     Every `update_*` applies a pure change function atomically to one record (read, compute, write in
-    one transaction) and returns the record as stored plus whether it changed. Counters are derived
-    from item states, so a state transition and its counter move in the same write.
+    one transaction) and returns the record as stored plus whether it changed; `update_item` stores the
+    item with `rev` one higher than the record it read. Counters are derived from item states, so a
+    state transition and its counter move in the same write, and every read of counters (with or
+    without its batch) comes from one snapshot: they always add up (DESIGN.md invariant 9).
+    No single request exceeds the backend's limits, whatever the number and size of the records.
     """
 
     # batches
@@ -236,9 +279,9 @@ class StateStore(Protocol):
         return the existing batch and False instead (Conflict if the request hash differs)."""
 
     def get_batch(self, batch_id: str, *, counted: bool = True) -> Batch:
-        """The batch; NotFound if unknown. Counters are counted afresh unless `counted` is False (callers
-        that only need the status and request: counting costs a query per state in Firestore); then
-        `counters` is the snapshot stored with the batch."""
+        """The batch; NotFound if unknown. With `counted`, the batch and its counters are read in one
+        snapshot; without (callers that only need the status and request: counting costs a query per
+        state in Firestore), `counters` is the snapshot stored with the batch."""
 
     def list_batches(
         self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
@@ -253,9 +296,10 @@ class StateStore(Protocol):
         """Items still pending, running or retrying (one cheap query: is the batch done yet?)."""
 
     # items
-    def add_items(self, items: Sequence[Item]) -> int:
+    def add_items(self, items: Sequence[Item]) -> list[Item]:
         """Create items that do not exist yet (by batch_id, item_id); existing ones are left untouched.
-        Returns how many were created."""
+        Returns the stored version of every item, in order: the new ones as given, the existing ones as
+        they are now (a repeated expansion must act on what is stored, not on what it recomputed)."""
 
     def get_item(self, batch_id: str, item_id: str) -> Item:
         """NotFound if unknown."""
@@ -267,25 +311,28 @@ class StateStore(Protocol):
     ) -> list[Item]:
         """Items ordered by item_id, starting after `after` (for paging)."""
 
-    def find_stale(self, now: float, retrying_older_than: float, limit: int = 500) -> list[Item]:
-        """Items `running` whose lease expired before `now`, and items `retrying` not updated since
-        `retrying_older_than` (their task may have been lost)."""
+    def find_stale(self, now: float, idle_before: float, limit: int = 500) -> list[Item]:
+        """Items `running` whose lease expired before `now` (handed-off ones included), and items
+        `pending` or `retrying` not updated since `idle_before` (their task may have been lost): at most
+        `limit` of each kind, oldest first."""
 
     def succeeded_fingerprints(self, dest_key: str, fingerprints: Sequence[str]) -> set[str]:
         """Which of these fingerprints already converted successfully into this destination."""
 
     # expansion scratch space
-    def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None: ...
+    def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None:
+        """Store chunks (replacing a chunk of the same batch, listing and number)."""
 
-    def get_chunk(self, batch_id: str, chunk_no: int) -> ExpansionChunk: ...
+    def get_chunk(self, batch_id: str, listing: str, chunk_no: int) -> ExpansionChunk: ...
 
-    def put_chunk_results(self, batch_id: str, chunk_no: int, results: Sequence[ScanResult]) -> None: ...
+    def put_chunk_results(self, batch_id: str, listing: str, chunk_no: int, results: Sequence[ScanResult]) -> None: ...
 
-    def list_chunks(self, batch_id: str) -> list[ExpansionChunk]: ...
+    def list_chunks(self, batch_id: str, listing: str) -> list[ExpansionChunk]: ...
 
-    def count_unscanned_chunks(self, batch_id: str) -> int: ...
+    def count_unscanned_chunks(self, batch_id: str, listing: str) -> int: ...
 
-    def delete_chunks(self, batch_id: str) -> None: ...
+    def delete_chunks(self, batch_id: str, keep: str | None = None) -> None:
+        """Delete the batch's chunks, except those of listing `keep` when given."""
 
     # Drive push notifications
     def put_channel(self, channel: WatchChannel) -> None: ...

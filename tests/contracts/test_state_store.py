@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -97,21 +98,19 @@ def test_an_expired_idempotency_key_starts_a_new_batch(store: StateStore, clock:
 def test_items_are_created_once_and_counters_follow_states(store: StateStore) -> None:
     batch, _ = store.create_batch(_batch())
     items = _items(batch, 5)
-    assert store.add_items(items) == 5
-    assert store.add_items(items) == 0  # a redelivered expansion changes nothing
+    assert store.add_items(items) == items
+    assert store.add_items(items) == items  # a redelivered expansion changes nothing
     claimed, _ = store.update_item("b1", items[4].item_id, lambda i: model.claim(i, 1.0, 60, "w"))
-    assert store.add_items(items) == 0
-    assert store.get_item("b1", items[4].item_id) == claimed  # ...not even to an item a worker holds
-    store.update_item("b1", items[4].item_id, lambda i: model.release_orphan(i, 2.0, Failure("x", "y", False)))
-    store.update_item(
-        "b1", items[4].item_id, lambda i: model.redrive(model.dead_letter(i, 3.0, Failure("x", "y", True)) or i, 4.0)
-    )
+    # ...not even to an item a worker holds, and it learns what is stored, not what it recomputed:
+    assert store.add_items(items) == [*items[:4], claimed]
+    assert store.get_item("b1", items[4].item_id) == claimed
+    store.update_item("b1", items[4].item_id, lambda i: model.skip(i, 2.0, "nothing"))
     counters = store.counters("b1")
-    assert (counters.series_total, counters.pending) == (5, 5)
+    assert (counters.series_total, counters.pending, counters.skipped) == (5, 4, 1)
     store.update_item("b1", items[0].item_id, lambda i: model.claim(i, 1.0, 60, "w"))
     store.update_item("b1", items[1].item_id, lambda i: model.skip(i, 2.0, "r"))
     counters = store.get_batch("b1").counters
-    assert (counters.pending, counters.running, counters.skipped, counters.finished) == (3, 1, 1, 1)
+    assert (counters.pending, counters.running, counters.skipped, counters.finished) == (2, 1, 2, 2)
     # Not counted: the snapshot stored with the batch (still the empty one from its creation).
     assert store.get_batch("b1", counted=False).counters == Counters()
     assert [b.counters for b in store.list_batches(counted=False)] == [Counters()]
@@ -130,8 +129,25 @@ def test_item_round_trip_keeps_every_field(store: StateStore) -> None:
         ("Warning: x",),
     )
     assert finished is not None
-    store.update_item("b1", item.item_id, lambda _: finished)
-    assert store.get_item("b1", item.item_id) == finished
+    finished = replace(finished, task_seq=3, handed_off=True, expires_at=99.0)
+    stored, _ = store.update_item("b1", item.item_id, lambda _: finished)
+    assert stored == replace(finished, rev=item.rev + 1)
+    assert store.get_item("b1", item.item_id) == stored
+
+
+def test_every_write_of_an_item_bumps_its_revision(store: StateStore) -> None:
+    # The reconciler fences its transitions on the revision it read: any write in between must show.
+    batch, _ = store.create_batch(_batch())
+    (item,) = _items(batch, 1)
+    store.add_items([item])
+    revs = [store.get_item("b1", item.item_id).rev]
+    for now in (1.0, 2.0, 3.0):
+        stored, _ = store.update_item("b1", item.item_id, lambda i, t=now: replace(i, updated_at=t))
+        revs.append(stored.rev)
+    assert revs == [revs[0], revs[0] + 1, revs[0] + 2, revs[0] + 3]
+    assert store.get_item("b1", item.item_id).rev == revs[-1]
+    _, changed = store.update_item("b1", item.item_id, lambda i: None)
+    assert not changed and store.get_item("b1", item.item_id).rev == revs[-1]
 
 
 def test_a_change_that_returns_none_writes_nothing(store: StateStore) -> None:
@@ -172,7 +188,7 @@ def test_list_items_pages_in_id_order_and_filters_by_state(store: StateStore) ->
     items = _items(batch, 7)
     store.add_items(items)
     for item in items[:3]:
-        store.update_item("b1", item.item_id, lambda i: model.dead_letter(i, 1.0, Failure("c", "r", True)))
+        store.update_item("b1", item.item_id, lambda i: replace(i, state=ItemState.DEAD_LETTERED))
     ids = sorted(i.item_id for i in items)
     first = store.list_items("b1", limit=4)
     second = store.list_items("b1", after=first[-1].item_id, limit=4)
@@ -181,17 +197,58 @@ def test_list_items_pages_in_id_order_and_filters_by_state(store: StateStore) ->
     assert sorted(i.item_id for i in dead) == sorted(i.item_id for i in items[:3])
 
 
-def test_find_stale_returns_expired_leases_and_forgotten_retries(store: StateStore) -> None:
-    batch, _ = store.create_batch(_batch())
-    live, expired, retrying, fresh_retry, pending = _items(batch, 5)
-    store.add_items([live, expired, retrying, fresh_retry, pending])
+def test_find_stale_returns_expired_leases_and_idle_waiting_items(store: StateStore) -> None:
+    batch, _ = store.create_batch(_batch(created_at=50.0))
+    live, expired, retrying, fresh_retry, handed, done = _items(batch, 6)
+    old_pending, new_pending = (
+        replace(i, updated_at=t) for i, t in zip(_items(batch, 8)[6:], (90.0, 400.0), strict=True)
+    )
+    store.add_items([live, expired, retrying, fresh_retry, handed, done, old_pending, new_pending])
     store.update_item("b1", live.item_id, lambda i: model.claim(i, 100.0, 1000, "w"))
     store.update_item("b1", expired.item_id, lambda i: model.claim(i, 100.0, 10, "w"))
     for item, when in ((retrying, 100.0), (fresh_retry, 500.0)):
         store.update_item("b1", item.item_id, lambda i, t=when: model.claim(i, t, 10, "w"))
         store.update_item("b1", item.item_id, lambda i, t=when: model.retry_later(i, t, Failure("x", "y", False), "w"))
-    stale = store.find_stale(now=200.0, retrying_older_than=300.0)
-    assert {i.item_id for i in stale} == {expired.item_id, retrying.item_id}
+    store.update_item("b1", handed.item_id, lambda i: model.claim(i, 100.0, 10, "h"))
+    failure = Failure("x", "y", True)
+    store.update_item("b1", handed.item_id, lambda i: model.hand_off(i, 101.0, failure, "h", 0, grace_seconds=5))
+    store.update_item("b1", done.item_id, lambda i: model.skip(i, 100.0, "nothing"))
+    stale = store.find_stale(now=200.0, idle_before=300.0)
+    assert {i.item_id for i in stale} == {expired.item_id, handed.item_id, retrying.item_id, old_pending.item_id}
+    assert [i.item_id for i in store.find_stale(now=200.0, idle_before=300.0, limit=1)][-1] == old_pending.item_id
+
+
+def test_counters_read_while_series_change_state_always_add_up(store: StateStore) -> None:
+    # DESIGN.md invariant 9: a counted read is one snapshot. Writers move items between two states while
+    # a reader counts; a store that counts each state with its own query (at its own moment) sees an
+    # item in both states, or in neither, and the totals stop adding up.
+    batch, _ = store.create_batch(replace(_batch(), status=BatchStatus.RUNNING))
+    items = _items(batch, 12, files_per_item=1)
+    store.add_items(items)
+    stop = threading.Event()
+
+    def flip(item: model.Item) -> None:
+        while not stop.is_set():
+            store.update_item(
+                "b1", item.item_id, lambda i: model.claim(i, 1.0, 60, "w") or replace(i, state=ItemState.PENDING)
+            )
+
+    writers = [threading.Thread(target=flip, args=(item,)) for item in items[:4]]
+    for writer in writers:
+        writer.start()
+    try:
+        reads = []
+        for n in range(50):
+            reads.append(store.get_batch("b1").counters if n % 2 else store.counters("b1"))
+            time.sleep(0.002)  # let the writers run between reads (in-process stores hold the GIL)
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join()
+    for counters in reads:
+        parts = counters.pending + counters.running + counters.retrying + counters.finished
+        assert parts == counters.series_total == 12, counters
+    assert len({(c.pending, c.running) for c in reads}) > 1, "the writers never ran during the reads"
 
 
 def test_succeeded_fingerprints_are_scoped_to_the_destination(store: StateStore) -> None:
@@ -218,24 +275,33 @@ def test_batches_update_atomically_and_list_newest_first(store: StateStore) -> N
     assert store.get_batch("old").ignored_examples == ("x (not_dicom)",)
 
 
-def test_expansion_chunks_hold_files_and_scan_results(store: StateStore) -> None:
+def test_expansion_chunks_hold_files_and_scan_results_per_listing(store: StateStore) -> None:
     store.create_batch(_batch())
     files = tuple(FileRef(f"/in/{n}", f"a/{n}", n + 1) for n in range(3))
     skipped = (SkippedFile("a/doc", Ignored(IgnoredKind.NOT_BINARY, "google doc")),)
-    store.put_chunks([ExpansionChunk("b1", 0, files, skipped), ExpansionChunk("b1", 1, files[:1])])
-    assert store.count_unscanned_chunks("b1") == 2
+    store.put_chunks(
+        [ExpansionChunk("b1", 0, files, skipped, listing="L1"), ExpansionChunk("b1", 1, files[:1], listing="L1")]
+    )
+    store.put_chunks([ExpansionChunk("b1", 0, files[1:], listing="L2")])  # a concurrent duplicate listing
+    assert store.count_unscanned_chunks("b1", "L1") == 2
     results = (
         DicomHeader("1.1", MR, "9.1", 3, "MR", "T1w", ("ORIGINAL", "PRIMARY")),
         Ignored(IgnoredKind.EMPTY),
         Ignored(IgnoredKind.NOT_DICOM, "x"),
     )
-    store.put_chunk_results("b1", 0, results)
-    assert store.count_unscanned_chunks("b1") == 1
-    chunk = store.get_chunk("b1", 0)
+    store.put_chunk_results("b1", "L1", 0, results)
+    assert store.count_unscanned_chunks("b1", "L1") == 1
+    assert store.count_unscanned_chunks("b1", "L2") == 1
+    chunk = store.get_chunk("b1", "L1", 0)
     assert chunk.files == files and chunk.skipped == skipped and chunk.results == results
-    assert [c.chunk_no for c in store.list_chunks("b1")] == [0, 1]
+    assert store.get_chunk("b1", "L2", 0).files == files[1:]
+    assert [c.chunk_no for c in store.list_chunks("b1", "L1")] == [0, 1]
+    store.delete_chunks("b1", keep="L1")
+    assert store.list_chunks("b1", "L2") == [] and len(store.list_chunks("b1", "L1")) == 2
     store.delete_chunks("b1")
-    assert store.list_chunks("b1") == []
+    assert store.list_chunks("b1", "L1") == []
+    with pytest.raises(NotFound):
+        store.get_chunk("b1", "L1", 0)
 
 
 def test_watch_channels_and_pending_folders(store: StateStore) -> None:
@@ -264,8 +330,29 @@ def test_watch_channels_and_pending_folders(store: StateStore) -> None:
 def test_many_items_in_one_call(store: StateStore) -> None:
     batch, _ = store.create_batch(_batch())
     items = _items(batch, 450, files_per_item=1)
-    assert store.add_items(items) == 450
+    assert len(store.add_items(items)) == 450
     assert store.counters("b1").series_total == 450
+
+
+def test_many_large_series_in_one_call_stay_within_request_limits(store: StateStore) -> None:
+    # GCP_FACTS gotcha 24 / issue D11: 400 series x 200 files with realistic paths is about 15 MB of
+    # file references; one Firestore commit takes 10 MiB (4 MiB on the emulator). The store must split.
+    batch, _ = store.create_batch(_batch())
+    items = []
+    for n, item in enumerate(_items(batch, 400, files_per_item=1)):
+        files = tuple(
+            FileRef(
+                "1" + "x" * 32 + f"{n:04d}{j:04d}",
+                f"sub-{n:04d}/ses-01/ep2d_bold_rest_{n}/IM-{j:06d}.dcm",
+                520_000,
+                "f" * 32,
+            )
+            for j in range(200)
+        )
+        items.append(replace(item, files=files, file_count=200))
+    assert len(store.add_items(items)) == 400
+    assert store.counters("b1").series_total == 400
+    assert store.get_item("b1", items[123].item_id).files == items[123].files
 
 
 def test_a_series_with_thousands_of_files_round_trips_and_can_change_its_files(store: StateStore) -> None:
@@ -275,7 +362,7 @@ def test_a_series_with_thousands_of_files_round_trips_and_can_change_its_files(s
     (item,) = _items(batch, 1, files_per_item=4500)
     store.add_items([item])
     assert store.get_item("b1", item.item_id).files == item.files
-    store.update_item("b1", item.item_id, lambda i: model.dead_letter(i, 1.0, Failure("c", "r", True)))
+    store.update_item("b1", item.item_id, lambda i: replace(i, state=ItemState.DEAD_LETTERED))
     fewer = tuple(replace(f, size=f.size + 1) for f in item.files[:2100])
     redriven, changed = store.update_item("b1", item.item_id, lambda i: model.redrive(i, 2.0, fewer))
     assert changed and redriven.files == fewer

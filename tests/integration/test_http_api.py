@@ -250,6 +250,7 @@ def test_the_real_entry_points_run_a_batch_like_cloud_tasks_would(archive: sampl
     assert api.get("/openapi.json").get_json()["openapi"].startswith("3.")
     reconcile = functions_framework.create_app(target="reconcile", source=source).test_client()
     assert reconcile.post("/", json={}).get_json() == {
-        "requeued": 0, "dead_lettered": 0, "expansions_restarted": 0, "batches_completed": 0
+        "requeued": 0, "dead_lettered": 0, "still_queued": 0, "cancelled": 0, "expansions_restarted": 0,
+        "batches_settled": 0,
     }  # fmt: skip
     tasks.close()

@@ -38,11 +38,14 @@ class InlineQueue:
     def enqueue(self, tasks: Sequence[Task]) -> None:
         for task in tasks:
             if task.task_id in self.seen_ids and not self.duplicate_every_task:
-                continue  # like Cloud Tasks: an existing id is not created twice
+                continue  # like Cloud Tasks: a name is not used twice
             self.seen_ids.add(task.task_id)
             self.pending.append((task, 0))
             if self.duplicate_every_task:
                 self.pending.append((task, 0))
+
+    def exists(self, queue: QueueName, task_id: str) -> bool | None:
+        return any(t.task_id == task_id and t.queue is queue for t, _ in self.pending)
 
     def drain(
         self,
@@ -107,12 +110,22 @@ class ScriptedConverter:
     def version(self) -> str:
         return str(getattr(self.real, "version"))  # noqa: B009 - `real` is typed loosely on purpose
 
-    def convert(self, input_dir: Path, output_dir: Path, stem: str, options: ConversionOptions) -> ConverterRun:
+    def convert(
+        self,
+        input_dir: Path,
+        output_dir: Path,
+        stem: str,
+        options: ConversionOptions,
+        *,
+        timeout_seconds: float | None = None,
+    ) -> ConverterRun:
         self.calls.append(stem)
         scripted = self.plan.get(stem)
         if scripted:
             code = scripted.pop(0)
             output_dir.mkdir(parents=True, exist_ok=True)
             return ConverterRun(exit_code=code, outputs=(), console=f"scripted exit {code}", seconds=0.0)
-        run: ConverterRun = self.real.convert(input_dir, output_dir, stem, options)  # type: ignore[attr-defined]
+        run: ConverterRun = self.real.convert(  # type: ignore[attr-defined]
+            input_dir, output_dir, stem, options, timeout_seconds=timeout_seconds
+        )
         return run

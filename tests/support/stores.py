@@ -9,6 +9,7 @@ import pytest
 
 from dicomflow.adapters.local.sqlite_store import SqliteStateStore
 from dicomflow.ports import StateStore
+from tests.fakes.memory_store import MemoryStateStore
 
 
 class Clock:
@@ -24,7 +25,7 @@ class Clock:
         self.now += seconds
 
 
-STORE_PARAMS = ["sqlite", pytest.param("firestore", marks=pytest.mark.emulator)]
+STORE_PARAMS = ["sqlite", "memory", pytest.param("firestore", marks=pytest.mark.emulator)]
 
 
 def make_store(kind: str, tmp_path: Path, clock: Clock) -> Iterator[StateStore]:
@@ -32,6 +33,9 @@ def make_store(kind: str, tmp_path: Path, clock: Clock) -> Iterator[StateStore]:
         sqlite = SqliteStateStore(tmp_path / "state.sqlite", clock)
         yield sqlite
         sqlite.close()
+        return
+    if kind == "memory":
+        yield MemoryStateStore(clock)
         return
     from tests.support.emulators import firestore_store
 

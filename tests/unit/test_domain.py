@@ -187,36 +187,110 @@ def test_a_live_lease_blocks_a_second_claim_and_an_expired_one_does_not() -> Non
 
 @pytest.mark.parametrize("state", sorted(model.TERMINAL))
 def test_terminal_items_ignore_every_late_event(state: ItemState) -> None:
-    item = _item(state)
+    item = _item(state, lease_owner="w")
     failure = Failure("x", "y", permanent=True)
     assert model.claim_decision(item, 0.0) is ClaimOutcome.ALREADY_DONE
     assert model.claim(item, 0.0, 60, "w") is None
-    assert model.succeed(item, 0.0, (), model.Timings(), ()) is None
-    assert model.skip(item, 0.0, "r") is None
-    assert model.dead_letter(item, 0.0, failure) is None
-    assert model.note_failure(item, 0.0, failure) is None
+    assert model.retry_later(item, 0.0, failure, "w") is None
+    assert model.hand_off(item, 0.0, failure, "w", 0, grace_seconds=1) is None
+    assert model.dead_letter(item, 0.0, failure, 0) is None
+    assert model.renew(item, 0.0, 60, "w", 0) is None
 
 
-def test_only_the_lease_holder_may_send_an_item_to_retrying() -> None:
+def test_a_result_is_never_overwritten_but_may_replace_a_failure_of_its_generation() -> None:
+    outputs = (model.OutputFile("a.nii.gz", 1, "0" * 64),)
+    for state in (ItemState.SUCCEEDED, ItemState.SKIPPED):
+        assert model.succeed(_item(state, skip_reason="a report"), 0.0, outputs, model.Timings(), ()) is None
+        assert model.skip(_item(state, skip_reason="a report"), 0.0, "nothing") is None
+    # A stale attempt of the same generation finished after the series was dead-lettered (or cancelled):
+    # its outputs are in the destination, so its success is recorded rather than left unaccounted for.
+    for late in (_item(ItemState.DEAD_LETTERED), _item(ItemState.SKIPPED, skip_reason=model.CANCELLED)):
+        done = model.succeed(late, 5.0, outputs, model.Timings(), (), generation=0)
+        assert done is not None and done.state is ItemState.SUCCEEDED and done.outputs == outputs
+    # ...but never from an older generation: the series was redriven since.
+    assert (
+        model.succeed(_item(ItemState.RUNNING, generation=2), 5.0, outputs, model.Timings(), (), generation=1) is None
+    )
+
+
+def test_only_the_lease_holder_of_the_generation_may_fail_the_series() -> None:
     running = model.claim(_item(), now=0.0, lease_seconds=60, owner="w1")
     assert running is not None
     failure = Failure("rate_limited", "later", permanent=False)
     assert model.retry_later(running, 1.0, failure, owner="stale-worker") is None
+    assert model.hand_off(running, 1.0, failure, "stale-worker", 0, grace_seconds=5) is None
+    assert model.hand_off(running, 1.0, failure, "w1", 1, grace_seconds=5) is None  # wrong generation
+    assert model.renew(running, 1.0, 60, "stale-worker", 0) is None
     retrying = model.retry_later(running, 1.0, failure, owner="w1")
     assert retrying is not None and retrying.state is ItemState.RETRYING and retrying.failure == failure
 
 
+def test_a_handed_off_series_is_never_claimed_again_and_ends_only_by_its_generations_dead_letter() -> None:
+    running = model.claim(_item(generation=1), now=0.0, lease_seconds=60, owner="w1", generation=1)
+    assert running is not None
+    permanent = Failure("conversion_failed", "corrupt", permanent=True)
+    handed = model.hand_off(running, 2.0, permanent, "w1", 1, grace_seconds=30)
+    assert handed is not None and handed.handed_off and handed.lease_until == 32.0
+    assert model.claim_decision(handed, 100.0, 1) is ClaimOutcome.ALREADY_DONE  # even with the grace expired
+    assert model.claim(handed, 100.0, 60, "w2", 1) is None
+    assert model.dead_letter(handed, 3.0, permanent, generation=0) is None  # a late message of generation 0
+    dead = model.dead_letter(handed, 3.0, Failure("other", "ignored", permanent=True), generation=1)
+    assert dead is not None and dead.state is ItemState.DEAD_LETTERED and dead.failure == permanent
+    assert model.dead_letter(_item(ItemState.RUNNING, generation=1), 3.0, permanent, 1) is None  # not handed off
+
+
+def test_claims_are_fenced_on_the_tasks_generation() -> None:
+    item = _item(generation=2)
+    assert model.claim_decision(item, 0.0, 1) is ClaimOutcome.ALREADY_DONE  # an older generation's task
+    assert model.claim_decision(item, 0.0, 3) is ClaimOutcome.NOT_YET  # a redrive not recorded yet
+    assert model.claim(item, 0.0, 60, "w", 3) is None and model.claim(item, 0.0, 60, "w", 1) is None
+    assert ClaimOutcome.NOT_YET.retry_later and ClaimOutcome.BUSY.retry_later
+    assert not ClaimOutcome.ALREADY_DONE.retry_later
+    claimed = model.claim(item, 0.0, 60, "w", 2)
+    assert claimed is not None and claimed.generation == 2
+
+
+def test_renewal_extends_only_the_holders_live_claim() -> None:
+    running = model.claim(_item(), now=0.0, lease_seconds=60, owner="w1")
+    assert running is not None
+    renewed = model.renew(running, 50.0, 60, "w1", 0)
+    assert renewed is not None and renewed.lease_until == 110.0 and renewed.attempts == 1
+    taken = model.claim(running, 61.0, 60, "w2")  # w1 stalled past its lease
+    assert taken is not None and model.renew(taken, 62.0, 60, "w1", 0) is None
+
+
+def test_the_reconciler_acts_only_on_the_snapshot_it_read() -> None:
+    running = model.claim(_item(), now=0.0, lease_seconds=60, owner="w1")
+    assert running is not None
+    seen = replace(running, rev=7)
+    failure = Failure("worker_interrupted", "gone", permanent=False)
+    # A heartbeat (or any write) after the query bumped the revision: the lease is live again.
+    assert model.release_orphan(replace(seen, rev=8, lease_until=200.0), 100.0, failure, seen) is None
+    assert model.release_orphan(seen, 30.0, failure, seen) is None  # lease not expired yet
+    released = model.release_orphan(seen, 100.0, failure, seen)
+    assert released is not None and released.state is ItemState.RETRYING and released.task_seq == seen.task_seq + 1
+    assert released.task_id != seen.task_id
+    pending = replace(_item(), rev=3)
+    requeued = model.requeue(pending, 5.0, pending)
+    assert requeued is not None and requeued.task_seq == 1 and requeued.state is ItemState.PENDING
+    assert model.requeue(replace(pending, rev=4), 5.0, pending) is None
+    handed = replace(running, handed_off=True, failure=Failure("conversion_failed", "corrupt", True), rev=9)
+    abandoned = model.abandon(handed, 100.0, failure, handed)
+    assert abandoned is not None and abandoned.failure == handed.failure  # the worker's reason wins
+
+
 def test_redrive_gives_a_new_generation_and_attempt_budget() -> None:
-    dead = _item(ItemState.DEAD_LETTERED, attempts=5, generation=0)
+    dead = _item(ItemState.DEAD_LETTERED, attempts=5, generation=0, task_seq=3)
     redriven = model.redrive(dead, 10.0)
     assert redriven is not None
-    assert (redriven.state, redriven.attempts, redriven.generation) == (ItemState.PENDING, 0, 1)
+    assert (redriven.state, redriven.attempts, redriven.generation, redriven.task_seq) == (ItemState.PENDING, 0, 1, 0)
     assert redriven.task_id != dead.task_id
+    assert model.redrive(dead, 10.0, generation=1) is None  # a stale redrive of another generation
     assert model.redrive(_item(ItemState.SUCCEEDED), 10.0) is None
 
 
 def test_cancel_skips_waiting_items_but_lets_running_ones_finish() -> None:
-    assert model.cancel_item(_item(ItemState.PENDING), 1.0, "cancelled") is not None
+    assert model.cancel_item(_item(ItemState.PENDING), 1.0) is not None
     assert model.cancel_item(_item(ItemState.RETRYING), 1.0, "cancelled") is not None
     assert model.cancel_item(_item(ItemState.RUNNING), 1.0, "cancelled") is None
 
@@ -235,6 +309,32 @@ def test_batch_completes_only_when_every_item_is_terminal() -> None:
     failed = model.complete_if_done(batch, Counters(series_total=3, succeeded=2, dead_lettered=1), 5.0)
     assert failed is not None and failed.status is BatchStatus.COMPLETED_WITH_FAILURES
     assert model.complete_if_done(_batch(BatchStatus.EXPANDING), Counters(), 5.0) is None
+
+
+def test_settle_follows_the_counters_both_ways() -> None:
+    failed = model.settle(_batch(), Counters(series_total=2, succeeded=1, dead_lettered=1), 5.0, retention_seconds=100)
+    assert failed is not None and failed.status is BatchStatus.COMPLETED_WITH_FAILURES and failed.expires_at == 105.0
+    # A late success turns the dead letter into a success: the batch is completed after all.
+    fixed = model.settle(failed, Counters(series_total=2, succeeded=2), 9.0)
+    assert fixed is not None and fixed.status is BatchStatus.COMPLETED
+    # A redrive put series back in the queue: the batch runs again until they finish.
+    reopened = model.settle(failed, Counters(series_total=2, succeeded=1, pending=1), 9.0)
+    assert reopened is not None and reopened.status is BatchStatus.RUNNING and reopened.finished_at is None
+    assert model.settle(failed, failed.counters, 10.0) is None  # nothing changed: nothing written
+    for status in (BatchStatus.EXPANDING, BatchStatus.CANCELLED, BatchStatus.FAILED):
+        assert model.settle(_batch(status), Counters(series_total=1, succeeded=1), 5.0) is None
+
+
+def test_expansion_steps_are_fenced_on_the_epoch_and_the_first_listing_wins() -> None:
+    batch = _batch(BatchStatus.EXPANDING)
+    listed = model.list_done(batch, 1.0, 0, "e0-aaaa", 3)
+    assert listed is not None and (listed.listing, listed.listed_chunks) == ("e0-aaaa", 3)
+    assert model.list_done(listed, 2.0, 0, "e0-bbbb", 4) is None  # a concurrent duplicate listing
+    assert model.list_done(batch, 1.0, 1, "e1-cccc", 3) is None  # a step of a later epoch
+    restarted = model.restart_expansion(listed, 10.0, seen_updated_at=listed.updated_at)
+    assert restarted is not None and (restarted.epoch, restarted.listing, restarted.restarts) == (1, "", 1)
+    assert model.restart_expansion(listed, 10.0, seen_updated_at=0.5) is None  # progress since the look
+    assert model.finish_expansion(restarted, 11.0, 1, 0, (), epoch=0) is None
 
 
 def test_counters_are_derived_from_item_states() -> None:

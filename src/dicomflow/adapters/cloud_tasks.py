@@ -93,7 +93,14 @@ class CloudTasksQueue:
             },
             targets=targets,
             service_account=settings.tasks_service_account,
-            dispatch_deadline_seconds={QueueName.CONVERT: settings.dispatch_deadline_seconds},
+            # Every task carries its handler's timeout as deadline; unset, Cloud Tasks gives 10 minutes and
+            # re-dispatches a handler still running (GCP_FACTS gotcha 23).
+            dispatch_deadline_seconds={
+                QueueName.CONVERT: settings.dispatch_deadline_seconds,
+                QueueName.EXPAND: settings.expand_dispatch_deadline_seconds,
+                QueueName.DEAD_LETTER: settings.dead_letter_dispatch_deadline_seconds,
+                QueueName.CHANGES: settings.changes_dispatch_deadline_seconds,
+            },
         )
 
     def enqueue(self, tasks: Sequence[Task]) -> None:
@@ -105,6 +112,17 @@ class CloudTasksQueue:
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_CREATES, len(tasks))) as pool:
             # list() surfaces the first failure; the others finish or fail on their own.
             list(pool.map(self._create, tasks))
+
+    def exists(self, queue: QueueName, task_id: str) -> bool | None:
+        """GetTask: a task exists until it succeeds or is dropped. The emulator does not implement GetTask
+        (GCP_FACTS gotcha 15); then, or on any other error, the answer is "cannot tell"."""
+        try:
+            self._client.get_task(name=f"{self._paths[queue]}/tasks/{task_id}", timeout=20.0)
+        except gexc.NotFound:
+            return False
+        except gexc.GoogleAPICallError:
+            return None
+        return True
 
     def _request(self, task: Task) -> dict[str, Any]:
         target = self._targets.get(task.queue, "")

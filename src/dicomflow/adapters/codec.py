@@ -16,8 +16,8 @@ from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState
 from dicomflow.domain.series import ConversionOptions, DicomHeader, FileRef, Ignored, IgnoredKind, ScanResult
 from dicomflow.ports import ExpansionChunk, PendingFolder, SkippedFile, WatchChannel
 
-BATCH_TIME_FIELDS = ("created_at", "updated_at", "finished_at", "expanded_at")
-ITEM_TIME_FIELDS = ("created_at", "updated_at", "started_at", "finished_at", "lease_until")
+BATCH_TIME_FIELDS = ("created_at", "updated_at", "finished_at", "expanded_at", "expires_at")
+ITEM_TIME_FIELDS = ("created_at", "updated_at", "started_at", "finished_at", "lease_until", "expires_at")
 
 
 def _opt_float(value: Any) -> float | None:
@@ -43,6 +43,12 @@ def batch_to_dict(batch: Batch) -> dict[str, Any]:
         "failure": batch.failure.to_dict() if batch.failure else None,
         # A snapshot for people reading the stored document; the API always derives fresh counters.
         "counters": batch.counters.to_dict(),
+        "epoch": batch.epoch,
+        "listing": batch.listing,
+        "listed_chunks": batch.listed_chunks,
+        "restarts": batch.restarts,
+        "redrives": batch.redrives,
+        "expires_at": batch.expires_at,
     }
 
 
@@ -65,6 +71,12 @@ def batch_from_dict(data: Mapping[str, Any], counters: Counters | None = None) -
         ignored_examples=tuple(data.get("ignored_examples") or ()),
         failure=Failure.from_dict(data["failure"]) if data.get("failure") else None,
         counters=counters if counters is not None else Counters(**{k: int(v) for k, v in snapshot.items()}),
+        epoch=int(data.get("epoch", 0)),
+        listing=str(data.get("listing", "")),
+        listed_chunks=int(data.get("listed_chunks", 0)),
+        restarts=int(data.get("restarts", 0)),
+        redrives=int(data.get("redrives", 0)),
+        expires_at=_opt_float(data.get("expires_at")),
     )
 
 
@@ -88,8 +100,11 @@ def item_to_dict(item: Item, *, with_files: bool = True) -> dict[str, Any]:
         "file_count": item.file_count,
         "attempts": item.attempts,
         "generation": item.generation,
+        "task_seq": item.task_seq,
         "lease_owner": item.lease_owner,
         "lease_until": item.lease_until,
+        "handed_off": item.handed_off,
+        "rev": item.rev,
         "started_at": item.started_at,
         "finished_at": item.finished_at,
         "timings": item.timings.to_dict(),
@@ -97,6 +112,7 @@ def item_to_dict(item: Item, *, with_files: bool = True) -> dict[str, Any]:
         "warnings": list(item.warnings),
         "failure": item.failure.to_dict() if item.failure else None,
         "skip_reason": item.skip_reason,
+        "expires_at": item.expires_at,
     }
     if with_files:
         data["files"] = [f.to_dict() for f in item.files]
@@ -125,8 +141,11 @@ def item_from_dict(data: Mapping[str, Any], files: tuple[FileRef, ...] | None = 
         file_count=int(data.get("file_count", 0)),
         attempts=int(data.get("attempts", 0)),
         generation=int(data.get("generation", 0)),
+        task_seq=int(data.get("task_seq", 0)),
         lease_owner=str(data.get("lease_owner", "")),
         lease_until=_opt_float(data.get("lease_until")),
+        handed_off=bool(data.get("handed_off", False)),
+        rev=int(data.get("rev", 0)),
         started_at=_opt_float(data.get("started_at")),
         finished_at=_opt_float(data.get("finished_at")),
         timings=Timings.from_dict(data.get("timings") or {}),
@@ -134,6 +153,7 @@ def item_from_dict(data: Mapping[str, Any], files: tuple[FileRef, ...] | None = 
         warnings=tuple(data.get("warnings") or ()),
         failure=Failure.from_dict(data["failure"]) if data.get("failure") else None,
         skip_reason=str(data.get("skip_reason", "")),
+        expires_at=_opt_float(data.get("expires_at")),
     )
 
 
@@ -169,6 +189,7 @@ def scan_from_dict(data: Mapping[str, Any]) -> ScanResult:
 def chunk_to_dict(chunk: ExpansionChunk) -> dict[str, Any]:
     return {
         "batch_id": chunk.batch_id,
+        "listing": chunk.listing,
         "chunk_no": chunk.chunk_no,
         "files": [f.to_dict() for f in chunk.files],
         "skipped": [{"path": s.path, "kind": s.ignored.kind.value, "detail": s.ignored.detail} for s in chunk.skipped],
@@ -188,6 +209,7 @@ def chunk_from_dict(data: Mapping[str, Any]) -> ExpansionChunk:
             for s in data.get("skipped") or ()
         ),
         results=None if results is None else tuple(scan_from_dict(r) for r in results),
+        listing=str(data.get("listing", "")),
     )
 
 

@@ -63,7 +63,16 @@ class Dcm2niixConverter:
             self._version = f"dcm2niix-{dcm2niix_wheel.__version__}"
         return self._version
 
-    def convert(self, input_dir: Path, output_dir: Path, stem: str, options: ConversionOptions) -> ConverterRun:
+    def convert(
+        self,
+        input_dir: Path,
+        output_dir: Path,
+        stem: str,
+        options: ConversionOptions,
+        *,
+        timeout_seconds: float | None = None,
+    ) -> ConverterRun:
+        timeout = self._timeout if timeout_seconds is None else min(timeout_seconds, self._timeout)
         output_dir.mkdir(parents=True, exist_ok=True)
         args = dcm2niix_args(self._binary, input_dir, output_dir, stem, options)
         started = time.monotonic()
@@ -75,12 +84,12 @@ class Dcm2niixConverter:
             start_new_session=True,
         ) as proc:
             try:
-                out, _ = proc.communicate(timeout=self._timeout)
+                out, _ = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
                 raise ConverterTimeout(
-                    f"dcm2niix did not finish within {self._timeout:.0f} s and was stopped; it will be retried. "
+                    f"dcm2niix did not finish within {timeout:.0f} s and was stopped; it will be retried. "
                     "If this series is very large, raise DICOMFLOW_CONVERT_TIMEOUT_SECONDS."
                 ) from None
         seconds = time.monotonic() - started

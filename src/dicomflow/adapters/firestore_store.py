@@ -4,8 +4,8 @@ Documents (readable in the Cloud Console):
   batches/{batch_id}                      the batch; `counters` is a snapshot for people, refreshed on
                                           completion — the API always counts items afresh
   batches/{batch_id}/items/{item_id}      one per series: state, attempts, failure, outputs, timings
-  batches/{batch_id}/items/{id}/files/{n} file lists of very large series (> FILES_INLINE files)
-  batches/{batch_id}/chunks/{n}           expansion scratch (TTL on `expires_at`)
+  batches/{batch_id}/items/{id}/files/{n} file lists too large to keep in the item document
+  batches/{batch_id}/chunks/{listing}-{n}   expansion scratch (TTL on `expires_at`)
   idempotency_keys/{sha256}               Idempotency-Key → batch (TTL on `expires_at`)
   channels/{channel_id}, pending_folders/{folder_id}   Drive push notifications
 
@@ -16,15 +16,22 @@ single-document write. Every transition is a read-modify-write of one document, 
 document is unchanged since it was read (a precondition on its update time): concurrent deliveries of
 the same task race there and exactly one claim wins. This optimistic form never waits on locks, which
 under contention time out in Firestore's pessimistic transactions (GCP_FACTS §5: 19 of 20 failed).
+
+Reads that must agree (a batch and its counters: DESIGN.md invariant 9) run in one read-only
+transaction, which reads one snapshot without taking locks. Writes are sized by bytes, never by count
+(GCP_FACTS gotcha 24): one commit stays under the emulator's 4 MiB request limit (production allows
+10 MiB) and one document under 1 MiB, whatever the number of series and files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,12 +52,36 @@ from dicomflow.ports import (
     WatchChannel,
 )
 
-FILES_INLINE = 2000  # file refs kept in the item document; beyond that, in files/{n} (1 MiB limit)
+# Sizes are estimated from the JSON encoding of a document, which is within a few percent of Firestore's
+# own accounting (field names + UTF-8 strings + 8 bytes per number); the margins below absorb the rest.
+COMMIT_BYTES = 3 * 1024 * 1024  # per commit: under the emulator's 4 MiB gRPC limit (production: 10 MiB)
+FILES_DOC_BYTES = 512 * 1024  # file references per document: well under 1 MiB
+COMMIT_WRITES = 450  # writes per commit (the old 500-writes rule still holds for some clients)
 CHUNK_TTL = timedelta(days=7)
 _IN_LIMIT = 30  # Firestore's maximum number of values in an `in` filter
 _RETRYABLE = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError, gexc.Aborted)
 _LOST_RACE = (gexc.FailedPrecondition, gexc.AlreadyExists, gexc.Conflict)
 CAS_ATTEMPTS = 50
+
+
+def doc_bytes(data: Any) -> int:
+    """Estimated stored size of a document (or a list of file references)."""
+    return len(json.dumps(data, separators=(",", ":"), default=str).encode()) + 64
+
+
+def file_parts(files: Sequence[FileRef]) -> list[list[dict[str, object]]]:
+    """File references cut into pieces of at most FILES_DOC_BYTES each (one piece when they fit)."""
+    parts: list[list[dict[str, object]]] = [[]]
+    size = 0
+    for ref in files:
+        entry = ref.to_dict()
+        entry_size = doc_bytes(entry)
+        if parts[-1] and size + entry_size > FILES_DOC_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(entry)
+        size += entry_size
+    return parts
 
 
 def _to_time(value: Any) -> datetime | None:
@@ -111,11 +142,14 @@ class FirestoreStateStore:
         return codec.batch_from_dict(_decode_times(dict(data), codec.BATCH_TIME_FIELDS), counters)
 
     @staticmethod
-    def _item_doc(item: Item) -> dict[str, Any]:
-        inline = len(item.files) <= FILES_INLINE
+    def _item_doc(item: Item) -> tuple[dict[str, Any], list[list[dict[str, object]]]]:
+        """The item document, and the file-list pieces to store beside it when the list is too long to
+        keep inline (an fMRI series has a file per slice per volume)."""
+        parts = file_parts(item.files)
+        inline = len(parts) == 1
         data = codec.item_to_dict(item, with_files=inline)
-        data["files_chunks"] = 0 if inline else -(-len(item.files) // FILES_INLINE)
-        return _encode_times(data, codec.ITEM_TIME_FIELDS)
+        data["files_chunks"] = 0 if inline else len(parts)
+        return _encode_times(data, codec.ITEM_TIME_FIELDS), ([] if inline else parts)
 
     def _item_from(self, data: dict[str, Any], ref: Any) -> Item:
         data = _decode_times(dict(data), codec.ITEM_TIME_FIELDS)
@@ -130,12 +164,9 @@ class FirestoreStateStore:
         return codec.item_from_dict(data, files)
 
     @staticmethod
-    def _write_file_chunks(writer: Any, ref: Any, item: Item) -> None:
-        if len(item.files) <= FILES_INLINE:
-            return
-        for n in range(-(-len(item.files) // FILES_INLINE)):
-            part = item.files[n * FILES_INLINE : (n + 1) * FILES_INLINE]
-            writer.set(ref.collection("files").document(str(n)), {"files": [f.to_dict() for f in part]})
+    def _write_file_chunks(writer: Any, ref: Any, parts: list[list[dict[str, object]]]) -> None:
+        for n, part in enumerate(parts):
+            writer.set(ref.collection("files").document(str(n)), {"files": part})
 
     def _read_modify_write(
         self,
@@ -203,10 +234,33 @@ class FirestoreStateStore:
         return (existing, False) if existing is not None else (batch, True)
 
     def get_batch(self, batch_id: str, *, counted: bool = True) -> Batch:
-        snap = self._batch_ref(batch_id).get()
-        if not snap.exists:
+        if not counted:
+            snap = self._run(self._batch_ref(batch_id).get)
+            if not snap.exists:
+                raise NotFound(f"no batch with id {batch_id!r}")
+            return self._batch_from(snap.to_dict() or {})
+        snap, counters = self._snapshot(batch_id, with_batch=True)
+        if snap is None or not snap.exists:
             raise NotFound(f"no batch with id {batch_id!r}")
-        return self._batch_from(snap.to_dict() or {}, self.counters(batch_id) if counted else None)
+        return self._batch_from(snap.to_dict() or {}, counters)
+
+    def _snapshot(self, batch_id: str, *, with_batch: bool) -> tuple[Any, Counters]:
+        """The batch document and a count per item state, all read in one read-only transaction: one
+        snapshot, so the counters always add up and agree with the batch (six separate count queries
+        could each see a different moment)."""
+        items = self._batch_ref(batch_id).collection("items")
+
+        @firestore.transactional
+        def read(transaction: Any) -> tuple[Any, Counters]:
+            snap = self._batch_ref(batch_id).get(transaction=transaction) if with_batch else None
+            tally = {}
+            for state in ItemState:
+                query = items.where(filter=FieldFilter("state", "==", state.value)).count(alias="n")
+                tally[state] = int(query.get(transaction=transaction)[0][0].value)
+            return snap, Counters.from_states(tally)
+
+        result: tuple[Any, Counters] = self._run(lambda: read(self._db.transaction(read_only=True)))
+        return result
 
     def list_batches(
         self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
@@ -215,7 +269,7 @@ class FirestoreStateStore:
         if statuses:
             query = query.where(filter=FieldFilter("status", "in", sorted(s.value for s in statuses)))
         query = query.order_by("created_at", direction=firestore.Query.DESCENDING).limit(limit)
-        snaps = list(query.stream())
+        snaps = list(self._run(lambda: list(query.stream())))
         return [self._batch_from(s.to_dict() or {}, self.counters(s.id) if counted else None) for s in snaps]
 
     def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]:
@@ -232,15 +286,7 @@ class FirestoreStateStore:
         return result
 
     def counters(self, batch_id: str) -> Counters:
-        items = self._batch_ref(batch_id).collection("items")
-
-        def count(state: ItemState) -> tuple[ItemState, int]:
-            query = items.where(filter=FieldFilter("state", "==", state.value)).count(alias="n")
-            result = query.get()
-            return state, int(result[0][0].value)
-
-        with ThreadPoolExecutor(max_workers=len(ItemState)) as pool:
-            return Counters.from_states(dict(pool.map(count, list(ItemState))))
+        return self._snapshot(batch_id, with_batch=False)[1]
 
     def count_active(self, batch_id: str) -> int:
         active = sorted(s.value for s in ACTIVE)
@@ -249,33 +295,51 @@ class FirestoreStateStore:
 
     # --- items ---------------------------------------------------------------------------------------
 
-    def add_items(self, items: Sequence[Item]) -> int:
+    def add_items(self, items: Sequence[Item]) -> list[Item]:
         """Create-if-absent; an existing item is never touched. Items are written with `create`, which
         fails rather than overwrite, so a duplicated expansion racing this one cannot reset an item a
-        worker has already claimed."""
-        created = 0
-        for start in range(0, len(items), 400):
-            created += self._create_items(items[start : start + 400])
-        return created
+        worker has already claimed. Commits are packed by bytes (GCP_FACTS gotcha 24)."""
+        stored: dict[tuple[str, str], Item] = {}
+        group: list[tuple[Item, dict[str, Any], list[list[dict[str, object]]]]] = []
+        size = 0
+        for item in items:
+            doc, parts = self._item_doc(item)
+            item_size = doc_bytes(doc) + sum(doc_bytes(p) for p in parts)
+            if group and (size + item_size > COMMIT_BYTES or len(group) + len(parts) + 1 > COMMIT_WRITES):
+                stored.update(self._create_items(group))
+                group, size = [], 0
+            group.append((item, doc, parts))
+            size += item_size
+        if group:
+            stored.update(self._create_items(group))
+        return [stored[(i.batch_id, i.item_id)] for i in items]
 
-    def _create_items(self, items: Sequence[Item]) -> int:
-        remaining = list(items)
+    def _create_items(
+        self, group: Sequence[tuple[Item, dict[str, Any], list[list[dict[str, object]]]]]
+    ) -> dict[tuple[str, str], Item]:
+        stored: dict[tuple[str, str], Item] = {}
+        remaining = list(group)
         for _ in range(CAS_ATTEMPTS):
-            refs = [self._item_ref(i.batch_id, i.item_id) for i in remaining]
-            existing = {s.reference.path for s in self._db.get_all(refs, field_paths=["state"]) if s.exists}
-            remaining = [i for i, ref in zip(remaining, refs, strict=True) if ref.path not in existing]
+            refs = [self._item_ref(i.batch_id, i.item_id) for i, _doc, _parts in remaining]
+            snaps: list[Any] = self._run(lambda: list(self._db.get_all(refs)))  # noqa: B023 - called at once
+            found = {s.reference.path: s for s in snaps if s.exists}
+            for (item, _doc, _parts), ref in zip(remaining, refs, strict=True):
+                if ref.path in found:
+                    stored[(item.batch_id, item.item_id)] = self._item_from(found[ref.path].to_dict() or {}, ref)
+            remaining = [g for g, ref in zip(remaining, refs, strict=True) if ref.path not in found]
             if not remaining:
-                return 0
+                return stored
             writes = self._db.batch()
-            for item in remaining:
+            for item, doc, parts in remaining:
                 ref = self._item_ref(item.batch_id, item.item_id)
-                writes.create(ref, self._item_doc(item))
-                self._write_file_chunks(writes, ref, item)
+                writes.create(ref, doc)
+                self._write_file_chunks(writes, ref, parts)
             try:
                 self._run(writes.commit)
             except _LOST_RACE:
                 continue  # another expansion created some of them first: look again, create the rest
-            return len(remaining)
+            stored.update({(item.batch_id, item.item_id): item for item, _doc, _parts in remaining})
+            return stored
         raise ServiceUnavailable("could not create the series records (too much contention); it will be retried")
 
     def get_item(self, batch_id: str, item_id: str) -> Item:
@@ -288,6 +352,7 @@ class FirestoreStateStore:
     def update_item(self, batch_id: str, item_id: str, change: ItemChange) -> tuple[Item, bool]:
         ref = self._item_ref(batch_id, item_id)
         files_changed = False
+        pending_parts: list[list[dict[str, object]]] = []
 
         def compute(current: dict[str, Any] | None) -> tuple[dict[str, Any] | None, tuple[Item, bool]]:
             nonlocal files_changed
@@ -297,15 +362,17 @@ class FirestoreStateStore:
             updated = change(item)
             if updated is None:
                 return None, (item, False)
+            updated = replace(updated, rev=item.rev + 1)
             files_changed = updated.files != item.files
-            doc = self._item_doc(updated)
+            doc, parts = self._item_doc(updated)
+            pending_parts[:] = parts
             if doc["files_chunks"]:
                 doc["files"] = firestore.DELETE_FIELD
             return doc, (updated, True)
 
-        def write_files(writes: Any, result: tuple[Item, bool]) -> None:
+        def write_files(writes: Any, _result: tuple[Item, bool]) -> None:
             if files_changed:
-                self._write_file_chunks(writes, ref, result[0])
+                self._write_file_chunks(writes, ref, pending_parts)
 
         outcome: tuple[Item, bool] = self._read_modify_write(ref, compute, write_files)
         return outcome
@@ -321,21 +388,32 @@ class FirestoreStateStore:
             query = query.start_after({"__name__": self._item_ref(batch_id, after)})
         return [self._item_from(s.to_dict() or {}, s.reference) for s in query.limit(limit).stream()]
 
-    def find_stale(self, now: float, retrying_older_than: float, limit: int = 500) -> list[Item]:
+    def find_stale(self, now: float, idle_before: float, limit: int = 500) -> list[Item]:
         items = self._db.collection_group("items")
         horizon = _to_time(min(now, 32503680000.0))  # "all leases expired" (inf) as a far-future time
-        running = (
+        queries = [
             items.where(filter=FieldFilter("state", "==", ItemState.RUNNING.value))
             .where(filter=FieldFilter("lease_until", "<", horizon))
+            .order_by("lease_until")
             .limit(limit)
-        )
-        retrying = (
-            items.where(filter=FieldFilter("state", "==", ItemState.RETRYING.value))
-            .where(filter=FieldFilter("updated_at", "<", _to_time(retrying_older_than)))
-            .limit(limit)
-        )
-        snaps = list(running.stream()) + list(retrying.stream())
-        return [self._item_from(s.to_dict() or {}, s.reference) for s in snaps][:limit]
+        ]
+        idle_time = _to_time(min(idle_before, 32503680000.0))
+        for state in (ItemState.PENDING, ItemState.RETRYING):
+            queries.append(
+                items.where(filter=FieldFilter("state", "==", state.value))
+                .where(filter=FieldFilter("updated_at", "<", idle_time))
+                .order_by("updated_at")
+                .limit(limit)
+            )
+        found: list[list[Item]] = [
+            [self._item_from(s.to_dict() or {}, s.reference) for s in self._stream(q)] for q in queries
+        ]
+        idle = sorted((i for part in found[1:] for i in part), key=lambda i: i.updated_at)
+        return found[0] + idle[:limit]
+
+    def _stream(self, query: Any) -> list[Any]:
+        snaps: list[Any] = self._run(lambda: list(query.stream()))
+        return snaps
 
     def succeeded_fingerprints(self, dest_key: str, fingerprints: Sequence[str]) -> set[str]:
         items = self._db.collection_group("items")
@@ -356,8 +434,8 @@ class FirestoreStateStore:
 
     # --- expansion scratch ---------------------------------------------------------------------------
 
-    def _chunk_ref(self, batch_id: str, chunk_no: int) -> Any:
-        return self._batch_ref(batch_id).collection("chunks").document(str(chunk_no))
+    def _chunk_ref(self, batch_id: str, listing: str, chunk_no: int) -> Any:
+        return self._batch_ref(batch_id).collection("chunks").document(f"{listing}-{chunk_no}")
 
     def _chunk_doc(self, chunk: ExpansionChunk) -> dict[str, Any]:
         data = codec.chunk_to_dict(chunk)
@@ -365,38 +443,53 @@ class FirestoreStateStore:
         return data
 
     def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None:
-        for start in range(0, len(chunks), 20):  # a chunk document can approach 1 MiB: few per commit
-            writes = self._db.batch()
-            for chunk in chunks[start : start + 20]:
-                writes.set(self._chunk_ref(chunk.batch_id, chunk.chunk_no), self._chunk_doc(chunk))
+        writes, size, count = self._db.batch(), 0, 0
+        for chunk in chunks:
+            doc = self._chunk_doc(chunk)
+            chunk_size = doc_bytes(doc)
+            if count and (size + chunk_size > COMMIT_BYTES or count >= COMMIT_WRITES):
+                self._run(writes.commit)
+                writes, size, count = self._db.batch(), 0, 0
+            writes.set(self._chunk_ref(chunk.batch_id, chunk.listing, chunk.chunk_no), doc)
+            size, count = size + chunk_size, count + 1
+        if count:
             self._run(writes.commit)
 
-    def get_chunk(self, batch_id: str, chunk_no: int) -> ExpansionChunk:
-        snap = self._chunk_ref(batch_id, chunk_no).get()
+    def get_chunk(self, batch_id: str, listing: str, chunk_no: int) -> ExpansionChunk:
+        snap = self._run(self._chunk_ref(batch_id, listing, chunk_no).get)
         if not snap.exists:
             raise NotFound(f"no expansion chunk {chunk_no} for batch {batch_id!r}")
         return codec.chunk_from_dict(snap.to_dict() or {})
 
-    def put_chunk_results(self, batch_id: str, chunk_no: int, results: Sequence[ScanResult]) -> None:
-        ref = self._chunk_ref(batch_id, chunk_no)
+    def put_chunk_results(self, batch_id: str, listing: str, chunk_no: int, results: Sequence[ScanResult]) -> None:
+        ref = self._chunk_ref(batch_id, listing, chunk_no)
         try:
-            ref.update({"results": [codec.scan_to_dict(r) for r in results], "scanned": True})
+            self._run(lambda: ref.update({"results": [codec.scan_to_dict(r) for r in results], "scanned": True}))
         except gexc.NotFound:
             raise NotFound(f"no expansion chunk {chunk_no} for batch {batch_id!r}") from None
 
-    def list_chunks(self, batch_id: str) -> list[ExpansionChunk]:
-        snaps = self._batch_ref(batch_id).collection("chunks").stream()
+    def _chunks(self, batch_id: str) -> Any:
+        return self._batch_ref(batch_id).collection("chunks")
+
+    def list_chunks(self, batch_id: str, listing: str) -> list[ExpansionChunk]:
+        query = self._chunks(batch_id).where(filter=FieldFilter("listing", "==", listing))
+        snaps = self._run(lambda: list(query.stream()))
         return sorted((codec.chunk_from_dict(s.to_dict() or {}) for s in snaps), key=lambda c: c.chunk_no)
 
-    def count_unscanned_chunks(self, batch_id: str) -> int:
-        query = self._batch_ref(batch_id).collection("chunks").where(filter=FieldFilter("scanned", "==", False))
-        return int(query.count(alias="n").get()[0][0].value)
+    def count_unscanned_chunks(self, batch_id: str, listing: str) -> int:
+        query = (
+            self._chunks(batch_id)
+            .where(filter=FieldFilter("listing", "==", listing))
+            .where(filter=FieldFilter("scanned", "==", False))
+        )
+        return int(self._run(query.count(alias="n").get)[0][0].value)
 
-    def delete_chunks(self, batch_id: str) -> None:
-        refs = [s.reference for s in self._batch_ref(batch_id).collection("chunks").select([]).stream()]
-        for start in range(0, len(refs), 400):
+    def delete_chunks(self, batch_id: str, keep: str | None = None) -> None:
+        snaps = self._run(lambda: list(self._chunks(batch_id).select(["listing"]).stream()))
+        refs = [s.reference for s in snaps if (s.to_dict() or {}).get("listing") != keep]
+        for start in range(0, len(refs), COMMIT_WRITES):
             writes = self._db.batch()
-            for ref in refs[start : start + 400]:
+            for ref in refs[start : start + COMMIT_WRITES]:
                 writes.delete(ref)
             self._run(writes.commit)
 

@@ -184,6 +184,13 @@ class SeriesChanged(TransientError):
     code = "series_changed"
 
 
+class AttemptOutOfTime(TransientError):
+    """The attempt would not finish before its dispatch deadline: it stops and answers "retry" in time,
+    rather than being re-dispatched by Cloud Tasks while still running (GCP_FACTS gotchas 11, 25)."""
+
+    code = "attempt_out_of_time"
+
+
 class WorkerInterrupted(TransientError):
     """The worker stopped (crash, OOM kill, lost lease) before finishing; found later by the reconciler."""
 

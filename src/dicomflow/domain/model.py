@@ -4,6 +4,15 @@ Every transition is a pure function from the current item to the next one (or `N
 a no-op, e.g. a duplicate delivery). Stores apply a transition atomically to one item document, and
 the batch counters are *derived* from item states (each item is its own counter shard), so a counter
 can only move together with a state transition, exactly once (DESIGN.md invariant 2).
+
+Fencing (DESIGN.md invariant 8): every transition is conditional on who makes it. A worker's transitions
+name the generation of its task and the lease it holds; the dead-letter handler names the generation it
+was handed; the reconciler names the revision of the snapshot it acted on (`rev`, which the store bumps
+on every write). A stale attempt, an older generation's message or a reconciler reading an old query
+result therefore changes nothing. The one deliberate exception: a *success* of the current generation is
+accepted from any attempt, even one whose lease was taken over, because its outputs are already in the
+destination and a conversion of the same files is the same result; refusing it would leave published
+outputs that no record accounts for.
 """
 
 from __future__ import annotations
@@ -145,10 +154,22 @@ class Batch:
     ignored_examples: tuple[str, ...] = ()
     failure: Failure | None = None
     counters: Counters = field(default_factory=Counters)
+    # Expansion runs in epochs: the reconciler restarts a stalled expansion in a new epoch, whose task ids
+    # are new (old ones may stay blocked for a day) and whose chunks replace the old epoch's; steps of an
+    # older epoch find the epoch moved on and do nothing.
+    epoch: int = 0
+    listing: str = ""  # the list step of this epoch whose chunks count ("": not listed yet)
+    listed_chunks: int = 0
+    restarts: int = 0
+    redrives: int = 0  # :retry-dead-letters requests so far (names each redrive task)
+    expires_at: float | None = None  # retention: Firestore's TTL deletes the batch after this time
 
     @property
     def is_final(self) -> bool:
         return self.status in BATCH_FINAL
+
+
+CANCELLED = "the batch was cancelled before this series was converted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +193,11 @@ class Item:
     file_count: int = 0
     attempts: int = 0
     generation: int = 0
+    task_seq: int = 0  # the convert task of this generation the item waits for (the reconciler moves it on)
     lease_owner: str = ""
     lease_until: float | None = None
+    handed_off: bool = False  # an attempt handed the series to the dead-letter queue (failure says why)
+    rev: int = 0  # bumped by the store on every write: the reconciler's fence against stale snapshots
     started_at: float | None = None
     finished_at: float | None = None
     timings: Timings = field(default_factory=Timings)
@@ -181,6 +205,7 @@ class Item:
     warnings: tuple[str, ...] = ()
     failure: Failure | None = None
     skip_reason: str = ""
+    expires_at: float | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -188,9 +213,14 @@ class Item:
 
     @property
     def task_id(self) -> str:
-        """Cloud Tasks id of this item's convert task: hashed (no dots), and new per redrive generation
-        because a task id cannot be reused for up to 24 h after it ran (GCP_FACTS gotcha 10)."""
-        return f"convert-{self.batch_id}-{self.item_id}-g{self.generation}"
+        """Cloud Tasks id of this item's current convert task: hashed (no dots), new per redrive generation
+        and per reconciler re-enqueue, because a task id cannot be reused for up to 24 h after it ran or
+        was dropped (GCP_FACTS gotcha 10)."""
+        return convert_task_id(self.batch_id, self.item_id, self.generation, self.task_seq)
+
+
+def convert_task_id(batch_id: str, item_id: str, generation: int, seq: int) -> str:
+    return f"convert-{batch_id}-{item_id}-g{generation}-t{seq}"
 
 
 def new_item(batch: Batch, group: SeriesGroup, fingerprint: str, now: float, *, skip_reason: str = "") -> Item:
@@ -219,32 +249,40 @@ def new_item(batch: Batch, group: SeriesGroup, fingerprint: str, now: float, *, 
 
 
 # --- item transitions ------------------------------------------------------------------------------
-# Each returns the next item, or None when the event must change nothing (duplicate or late delivery).
+# Each returns the next item, or None when the event must change nothing (duplicate, late or stale).
 
 
 class ClaimOutcome(StrEnum):
     CLAIMED = "claimed"
-    ALREADY_DONE = "already_done"  # terminal: a duplicate or late delivery
-    BUSY = "busy"  # another worker holds a live lease: a re-dispatch while the first attempt runs
+    ALREADY_DONE = "already_done"  # terminal, handed off, or a task of an older generation: nothing to do
+    BUSY = "busy"  # another attempt holds a live lease: try again later, it may still fail
+    NOT_YET = "not_yet"  # a task of a newer generation than the item: its redrive has not been recorded yet
+
+    @property
+    def retry_later(self) -> bool:
+        """Whether the delivery should be answered with "retry" (the task must stay alive)."""
+        return self in (ClaimOutcome.BUSY, ClaimOutcome.NOT_YET)
 
 
-def claim_decision(item: Item, now: float) -> ClaimOutcome:
-    if item.is_terminal:
+def claim_decision(item: Item, now: float, generation: int | None = None) -> ClaimOutcome:
+    if generation is not None and generation > item.generation:
+        return ClaimOutcome.NOT_YET
+    if item.is_terminal or item.handed_off or (generation is not None and generation < item.generation):
         return ClaimOutcome.ALREADY_DONE
     if item.state is ItemState.RUNNING and item.lease_until is not None and item.lease_until > now:
         return ClaimOutcome.BUSY
     return ClaimOutcome.CLAIMED
 
 
-def claim(item: Item, now: float, lease_seconds: float, owner: str) -> Item | None:
-    """pending | retrying | running-with-expired-lease → running, one more attempt."""
-    if claim_decision(item, now) is not ClaimOutcome.CLAIMED:
+def claim(item: Item, now: float, lease_seconds: float, owner: str, generation: int | None = None) -> Item | None:
+    """pending | retrying | running-with-expired-lease → running, one more attempt, for the task's generation."""
+    if claim_decision(item, now, generation) is not ClaimOutcome.CLAIMED:
         return None
     return replace(
         item,
         state=ItemState.RUNNING,
         attempts=item.attempts + 1,
-        failure=None,  # from now on a failure on a running item means "noted for the dead-letter queue"
+        failure=None,
         lease_owner=owner,
         lease_until=now + lease_seconds,
         started_at=item.started_at or now,
@@ -252,10 +290,43 @@ def claim(item: Item, now: float, lease_seconds: float, owner: str) -> Item | No
     )
 
 
+def holds_lease(item: Item, owner: str, generation: int) -> bool:
+    return (
+        item.state is ItemState.RUNNING
+        and not item.handed_off
+        and item.lease_owner == owner
+        and item.generation == generation
+    )
+
+
+def renew(item: Item, now: float, lease_seconds: float, owner: str, generation: int) -> Item | None:
+    """Heartbeat: the lease holder extends its lease. None means the attempt was fenced out (its lease
+    expired and someone else took the series, or it finished): the attempt must stop."""
+    if not holds_lease(item, owner, generation):
+        return None
+    return replace(item, lease_until=now + lease_seconds, updated_at=now)
+
+
+def _accepts_result(item: Item, generation: int) -> bool:
+    """A conversion result of this generation is recorded unless the series already has one. A cancelled
+    series whose conversion finished anyway gets its result too: its outputs exist."""
+    if item.generation != generation:
+        return False
+    if item.state is ItemState.SUCCEEDED:
+        return False
+    return not (item.state is ItemState.SKIPPED and item.skip_reason != CANCELLED)
+
+
 def succeed(
-    item: Item, now: float, outputs: tuple[OutputFile, ...], timings: Timings, warnings: tuple[str, ...]
+    item: Item,
+    now: float,
+    outputs: tuple[OutputFile, ...],
+    timings: Timings,
+    warnings: tuple[str, ...],
+    *,
+    generation: int | None = None,
 ) -> Item | None:
-    if item.is_terminal:
+    if not _accepts_result(item, item.generation if generation is None else generation):
         return None
     return replace(
         item,
@@ -264,6 +335,7 @@ def succeed(
         timings=timings,
         warnings=warnings,
         failure=None,
+        handed_off=False,
         lease_owner="",
         lease_until=None,
         finished_at=now,
@@ -271,14 +343,19 @@ def succeed(
     )
 
 
-def skip(item: Item, now: float, reason: str, warnings: tuple[str, ...] = ()) -> Item | None:
-    if item.is_terminal:
+def skip(
+    item: Item, now: float, reason: str, warnings: tuple[str, ...] = (), generation: int | None = None
+) -> Item | None:
+    """Nothing to convert (a report, a secondary capture): a fact about the data, like a success."""
+    if not _accepts_result(item, item.generation if generation is None else generation):
         return None
     return replace(
         item,
         state=ItemState.SKIPPED,
         skip_reason=reason,
         warnings=warnings or item.warnings,
+        failure=None,
+        handed_off=False,
         lease_owner="",
         lease_until=None,
         finished_at=now,
@@ -286,29 +363,44 @@ def skip(item: Item, now: float, reason: str, warnings: tuple[str, ...] = ()) ->
     )
 
 
-def retry_later(item: Item, now: float, failure: Failure, owner: str) -> Item | None:
+def retry_later(item: Item, now: float, failure: Failure, owner: str, generation: int | None = None) -> Item | None:
     """running → retrying after a transient failure. Only the lease holder may do it: a stale worker
     whose lease was taken over must not undo the newer attempt's state."""
-    if item.state is not ItemState.RUNNING or item.lease_owner != owner:
+    if not holds_lease(item, owner, item.generation if generation is None else generation):
         return None
     return replace(item, state=ItemState.RETRYING, failure=failure, lease_owner="", lease_until=None, updated_at=now)
 
 
-def note_failure(item: Item, now: float, failure: Failure) -> Item | None:
-    """Record the failure that is being handed to the dead-letter queue, without changing state:
-    the dead-letter handler makes the transition (and the count) exactly once."""
-    if item.is_terminal:
+def hand_off(
+    item: Item, now: float, failure: Failure, owner: str, generation: int, *, grace_seconds: float
+) -> Item | None:
+    """The lease holder gives up on the series (a permanent failure, or its last attempt): the failure is
+    recorded and the series waits for the dead-letter handler, which makes the final transition (and the
+    count) exactly once. No attempt may claim it again; if the hand-off task is lost, the reconciler
+    dead-letters the series with this failure once `grace_seconds` have passed."""
+    if not holds_lease(item, owner, generation):
         return None
-    return replace(item, failure=failure, updated_at=now)
+    return replace(
+        item, failure=failure, handed_off=True, lease_owner="", lease_until=now + grace_seconds, updated_at=now
+    )
 
 
-def dead_letter(item: Item, now: float, failure: Failure) -> Item | None:
-    if item.is_terminal:
+def dead_letter(item: Item, now: float, failure: Failure, generation: int | None = None) -> Item | None:
+    """The dead-letter handler's transition: only for a series handed off in this generation, so a late
+    message of an older generation never ends a redriven one (the failure recorded at hand-off wins)."""
+    if item.is_terminal or item.state is not ItemState.RUNNING or not item.handed_off:
         return None
+    if generation is not None and generation != item.generation:
+        return None
+    return _dead(item, now, item.failure or failure)
+
+
+def _dead(item: Item, now: float, failure: Failure) -> Item:
     return replace(
         item,
         state=ItemState.DEAD_LETTERED,
         failure=failure,
+        handed_off=False,
         lease_owner="",
         lease_until=None,
         finished_at=now,
@@ -316,10 +408,14 @@ def dead_letter(item: Item, now: float, failure: Failure) -> Item | None:
     )
 
 
-def redrive(item: Item, now: float, files: tuple[FileRef, ...] | None = None) -> Item | None:
+def redrive(
+    item: Item, now: float, files: tuple[FileRef, ...] | None = None, generation: int | None = None
+) -> Item | None:
     """dead_lettered → pending with a fresh attempt budget, a new task generation and, when given, the
     series' files as they are now (the user may have re-exported some)."""
     if item.state is not ItemState.DEAD_LETTERED:
+        return None
+    if generation is not None and generation != item.generation:
         return None
     files = item.files if files is None else files
     return replace(
@@ -330,25 +426,106 @@ def redrive(item: Item, now: float, files: tuple[FileRef, ...] | None = None) ->
         bytes_total=sum(f.size for f in files),
         attempts=0,
         generation=item.generation + 1,
+        task_seq=0,
+        outputs=(),
         finished_at=None,
         updated_at=now,
     )
 
 
-def release_orphan(item: Item, now: float, failure: Failure) -> Item | None:
-    """running (lease holder gone) → retrying; used by the reconciler before it re-enqueues."""
-    if item.state is not ItemState.RUNNING:
+def cancel_item(item: Item, now: float, reason: str = CANCELLED) -> Item | None:
+    """pending | retrying → skipped when the batch is cancelled; a running attempt is left to finish."""
+    if item.state not in (ItemState.PENDING, ItemState.RETRYING):
         return None
-    return replace(item, state=ItemState.RETRYING, failure=failure, lease_owner="", lease_until=None, updated_at=now)
+    return replace(
+        item,
+        state=ItemState.SKIPPED,
+        skip_reason=reason,
+        lease_owner="",
+        lease_until=None,
+        finished_at=now,
+        updated_at=now,
+    )
+
+
+# --- the reconciler's transitions: fenced on the snapshot it read (`seen.rev`) -----------------------
+
+
+def _unchanged(item: Item, seen: Item) -> bool:
+    return item.rev == seen.rev and item.state is seen.state
+
+
+def _lease_expired(item: Item, before: float) -> bool:
+    return item.lease_until is not None and item.lease_until < before
+
+
+def release_orphan(
+    item: Item, now: float, failure: Failure, seen: Item, *, expired_before: float | None = None
+) -> Item | None:
+    """running, lease expired (before `expired_before`, default now), not handed off → retrying with a
+    new task (the lease holder is gone)."""
+    if not _unchanged(item, seen) or item.state is not ItemState.RUNNING or item.handed_off:
+        return None
+    if not _lease_expired(item, now if expired_before is None else expired_before):
+        return None
+    return replace(
+        item,
+        state=ItemState.RETRYING,
+        failure=failure,
+        lease_owner="",
+        lease_until=None,
+        task_seq=item.task_seq + 1,
+        updated_at=now,
+    )
+
+
+def requeue(item: Item, now: float, seen: Item) -> Item | None:
+    """pending | retrying whose task is lost (dropped by the queue after its last attempt, or never
+    created) → the same state, waiting for a new task."""
+    if not _unchanged(item, seen) or item.state not in (ItemState.PENDING, ItemState.RETRYING):
+        return None
+    return replace(item, task_seq=item.task_seq + 1, updated_at=now)
+
+
+def still_queued(item: Item, now: float, seen: Item) -> Item | None:
+    """The queue still holds the item's task (a long backlog): wait another full period."""
+    if not _unchanged(item, seen) or item.state not in (ItemState.PENDING, ItemState.RETRYING):
+        return None
+    return replace(item, updated_at=now)
+
+
+def abandon(
+    item: Item, now: float, failure: Failure, seen: Item, *, expired_before: float | None = None
+) -> Item | None:
+    """The reconciler dead-letters a series nobody will finish: a hand-off whose dead-letter task was
+    lost (its recorded failure wins), or a last attempt that died (lease expired, attempts used up)."""
+    if not _unchanged(item, seen) or item.state is not ItemState.RUNNING:
+        return None
+    if not _lease_expired(item, now if expired_before is None else expired_before):
+        return None
+    return _dead(item, now, item.failure if item.handed_off and item.failure else failure)
+
+
+def give_up(item: Item, now: float, failure: Failure, seen: Item) -> Item | None:
+    """pending | retrying with no attempts left and no task: dead-lettered with its last failure."""
+    if not _unchanged(item, seen) or item.state not in (ItemState.PENDING, ItemState.RETRYING):
+        return None
+    return _dead(item, now, item.failure or failure)
+
+
+def cancel_stale(item: Item, now: float, seen: Item) -> Item | None:
+    if not _unchanged(item, seen):
+        return None
+    return cancel_item(item, now)
 
 
 # --- batch transitions -------------------------------------------------------------------------------
 
 
 def finish_expansion(
-    batch: Batch, now: float, files_seen: int, ignored: int, examples: tuple[str, ...]
+    batch: Batch, now: float, files_seen: int, ignored: int, examples: tuple[str, ...], *, epoch: int | None = None
 ) -> Batch | None:
-    if batch.status is not BatchStatus.EXPANDING:
+    if batch.status is not BatchStatus.EXPANDING or (epoch is not None and epoch != batch.epoch):
         return None
     return replace(
         batch,
@@ -361,19 +538,35 @@ def finish_expansion(
     )
 
 
+def settle(batch: Batch, counters: Counters, now: float, retention_seconds: float = 0.0) -> Batch | None:
+    """The status the counters call for: running → completed(_with_failures) once every item is terminal;
+    completed(_with_failures) → the other one, or back to running, when a late success or a redrive
+    changed the counts. Expanding, cancelled and failed batches are left alone."""
+    if batch.status not in (BatchStatus.RUNNING, BatchStatus.COMPLETED, BatchStatus.COMPLETED_WITH_FAILURES):
+        return None
+    if counters.finished != counters.series_total:
+        if batch.status is BatchStatus.RUNNING:
+            return None
+        return replace(batch, status=BatchStatus.RUNNING, finished_at=None, expires_at=None, updated_at=now)
+    status = BatchStatus.COMPLETED_WITH_FAILURES if counters.dead_lettered else BatchStatus.COMPLETED
+    if status is batch.status and batch.counters == counters:
+        return None
+    finished = batch.finished_at if status is batch.status and batch.finished_at else now
+    return replace(
+        batch,
+        status=status,
+        finished_at=finished,
+        expires_at=finished + retention_seconds if retention_seconds else None,
+        updated_at=now,
+        counters=counters,
+    )
+
+
 def complete_if_done(batch: Batch, counters: Counters, now: float) -> Batch | None:
     """running → completed(_with_failures) once every item is terminal."""
-    if batch.status is not BatchStatus.RUNNING or counters.finished != counters.series_total:
+    if batch.status is not BatchStatus.RUNNING:
         return None
-    status = BatchStatus.COMPLETED_WITH_FAILURES if counters.dead_lettered else BatchStatus.COMPLETED
-    return replace(batch, status=status, finished_at=now, updated_at=now, counters=counters)
-
-
-def reopen(batch: Batch, now: float) -> Batch | None:
-    """completed_with_failures → running when dead letters are redriven."""
-    if batch.status is not BatchStatus.COMPLETED_WITH_FAILURES:
-        return None
-    return replace(batch, status=BatchStatus.RUNNING, finished_at=None, updated_at=now)
+    return settle(batch, counters, now)
 
 
 def cancel(batch: Batch, now: float) -> Batch | None:
@@ -388,17 +581,32 @@ def fail_batch(batch: Batch, now: float, failure: Failure) -> Batch | None:
     return replace(batch, status=BatchStatus.FAILED, failure=failure, finished_at=now, updated_at=now)
 
 
-def touch(item: Item, now: float) -> Item:
-    """Only the update time changes (the reconciler marks an item it re-enqueued)."""
-    return replace(item, updated_at=now)
+def list_done(batch: Batch, now: float, epoch: int, listing: str, chunks: int) -> Batch | None:
+    """The first list step of `epoch` to finish makes its chunks the batch's: a repeated or concurrent
+    list delivery uses those (a re-listing of a folder still changing could cut the files differently,
+    and mixing two cuts could drop a file between them)."""
+    if batch.status is not BatchStatus.EXPANDING or batch.epoch != epoch or batch.listing:
+        return None
+    return replace(batch, listing=listing, listed_chunks=chunks, updated_at=now)
 
 
-def touch_batch(batch: Batch, now: float) -> Batch:
+def expansion_progress(batch: Batch, now: float, epoch: int) -> Batch | None:
+    """A step of the current epoch made progress: the reconciler measures a stall from here."""
+    if batch.status is not BatchStatus.EXPANDING or batch.epoch != epoch:
+        return None
     return replace(batch, updated_at=now)
 
 
-def cancel_item(item: Item, now: float, reason: str) -> Item | None:
-    """pending | retrying → skipped when the batch is cancelled; a running attempt is left to finish."""
-    if item.state not in (ItemState.PENDING, ItemState.RETRYING):
+def restart_expansion(batch: Batch, now: float, seen_updated_at: float) -> Batch | None:
+    """A stalled expansion (its tasks were dropped) starts over in a new epoch."""
+    if batch.status is not BatchStatus.EXPANDING or batch.updated_at != seen_updated_at:
         return None
-    return skip(item, now, reason)
+    return replace(
+        batch, epoch=batch.epoch + 1, listing="", listed_chunks=0, restarts=batch.restarts + 1, updated_at=now
+    )
+
+
+def request_redrive(batch: Batch, now: float) -> Batch | None:
+    if batch.status not in (BatchStatus.RUNNING, BatchStatus.COMPLETED, BatchStatus.COMPLETED_WITH_FAILURES):
+        return None
+    return replace(batch, redrives=batch.redrives + 1, updated_at=now)

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dicomflow.config import Settings
 from dicomflow.domain.failures import InvalidInput
 from dicomflow.domain.locations import Location, LocationKind
+from dicomflow.domain.model import Item
 from dicomflow.events import Event
-from dicomflow.ports import ChangeFeed, Converter, HeaderScanner, Sink, Source, StateStore, TaskQueue
+from dicomflow.ports import (
+    ChangeFeed,
+    Converter,
+    HeaderScanner,
+    Heartbeat,
+    ItemChange,
+    Sink,
+    Source,
+    StateStore,
+    TaskQueue,
+)
 
 log = logging.getLogger("dicomflow")
 
@@ -35,8 +47,11 @@ class Context:
     sinks: dict[LocationKind, Callable[[], Sink]]
     scanners: dict[LocationKind, HeaderScanner]
     work_dir: Path
+    heartbeat: Heartbeat
     change_feed: Callable[[], ChangeFeed] | None = None
     clock: Callable[[], float] = time.time
+    # Random ids (batch ids, lease owners): injected so a simulation replays exactly from its seed.
+    new_id: Callable[[int], str] = secrets.token_hex
     progress: StepProgress = _no_progress
     # How many expansion chunks can be scanned at once (local: worker processes; cloud: task fan-out).
     scan_parallelism: int = 1
@@ -51,6 +66,19 @@ class Context:
             close = getattr(resource, "close", None)
             if callable(close):
                 close()
+
+    def update_item(self, batch_id: str, item_id: str, change: ItemChange) -> tuple[Item, bool]:
+        """store.update_item, plus retention: a series that reaches a final state is stamped with the time
+        after which Firestore's TTL policy deletes it (DICOMFLOW_RETENTION_DAYS after it finished)."""
+        retention = self.settings.retention_days * 86400.0
+
+        def retained(item: Item) -> Item | None:
+            updated = change(item)
+            if updated is None or not updated.is_terminal or updated.finished_at is None:
+                return updated
+            return replace(updated, expires_at=updated.finished_at + retention)
+
+        return self.store.update_item(batch_id, item_id, retained)
 
     def source_for(self, location: Location) -> Source:
         source: Source = self._adapter(self.sources, location, "source")

@@ -1,36 +1,39 @@
 """Converting one series: claim it, download, run dcm2niix, publish, record — exactly once in effect.
 
-What happens on each kind of delivery (DESIGN.md §4 invariants 1 to 4):
-- first delivery: the item is claimed with a lease (a transaction on its record) and converted;
-- a duplicate while the first attempt runs (e.g. Cloud Tasks re-dispatching after the 30-minute
-  deadline): the live lease makes it a no-op, answered 2xx;
-- a duplicate after the item finished: a no-op, answered 2xx;
+What happens on each kind of delivery (DESIGN.md §4 invariants 1 to 4, 7 and 8):
+- first delivery: the item is claimed with a short lease for the task's generation, and converted while a
+  heartbeat renews the lease; the attempt budgets its time from the request's start so that it answers
+  before Cloud Tasks' dispatch deadline (GCP_FACTS gotchas 11, 25);
+- a delivery while another attempt holds a live lease (a duplicate, or a re-dispatch of a stalled
+  attempt): answered "retry", so the task stays alive in case that attempt fails;
+- a delivery for a finished or handed-off series, or of an older generation: a no-op, answered 2xx;
+- a delivery of a newer generation than the item (a redrive not recorded yet): answered "retry";
 - a transient failure: the item goes to `retrying` and the edge answers 5xx so the queue retries it,
-  except on the queue's last attempt, where the series is handed to the dead-letter queue and the edge
-  answers 2xx (Cloud Tasks has no DLQ of its own: it would silently drop the task);
-- a permanent failure: handed to the dead-letter queue at once, answered 2xx.
+  except on the last attempt, where the series is handed to the dead-letter queue and the edge answers
+  2xx (Cloud Tasks has no DLQ of its own: it would silently drop the task);
+- a permanent failure: handed to the dead-letter queue at once, answered 2xx;
+- an attempt whose lease was taken over while it stalled stops before publishing (fenced out); if it had
+  already finished, its success is still recorded (see domain/model.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import socket
 import tempfile
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from dicomflow.domain import model
 from dicomflow.domain.conversion import ConversionVerdict, check_input_count, classify
-from dicomflow.domain.failures import DicomflowError, Failure, InvalidInput, SeriesTooLarge
-from dicomflow.domain.model import Batch, BatchStatus, ClaimOutcome, Item, OutputFile, Timings
+from dicomflow.domain.failures import AttemptOutOfTime, DicomflowError, Failure, InvalidInput, SeriesTooLarge
+from dicomflow.domain.model import Batch, BatchStatus, Item, OutputFile, Timings
 from dicomflow.domain.retry import Verdict, decide
 from dicomflow.events import Event
-from dicomflow.ports import Attempt, QueueName, Task
+from dicomflow.ports import Attempt, HeartbeatHandle, QueueName, Task
 from dicomflow.services.context import Context, event
 from dicomflow.services.progress import maybe_complete
 
@@ -39,20 +42,20 @@ from dicomflow.services.progress import maybe_complete
 # twice over plus the converter's own working memory.
 MEMORY_FACTOR = 2.5
 MEMORY_OVERHEAD_MB = 256
-CANCELLED = "the batch was cancelled before this series was converted"
 
 
 class Outcome(StrEnum):
     SUCCEEDED = "succeeded"
     SKIPPED = "skipped"
-    DUPLICATE = "duplicate"  # already finished: nothing to do
-    BUSY = "busy"  # another attempt holds the lease: nothing to do
+    DUPLICATE = "duplicate"  # already finished, handed off, or an older generation: nothing to do
+    FENCED = "fenced"  # this attempt lost its lease to a newer one, which now owns the series
+    BUSY = "busy"  # another attempt holds the lease, or the redrive is not recorded yet: retry later
     RETRY = "retry"  # transient failure: the edge answers 5xx
     DEAD_LETTERED = "dead_lettered"  # handed to the dead-letter queue: the edge answers 2xx
 
     @property
     def ack(self) -> bool:
-        return self is not Outcome.RETRY
+        return self not in (Outcome.RETRY, Outcome.BUSY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +87,11 @@ class ConvertResult:
 
 
 def dead_letter_task(item: Item, failure: Failure) -> Task:
+    """Named per attempt: a later attempt of the same generation (after the reconciler re-enqueued a
+    series whose hand-off was lost) must not find its hand-off swallowed by an earlier task's name."""
     return Task(
         QueueName.DEAD_LETTER,
-        f"dlq-{item.batch_id}-{item.item_id}-g{item.generation}",
+        f"dlq-{item.batch_id}-{item.item_id}-g{item.generation}-a{item.attempts}",
         {
             "batch_id": item.batch_id,
             "item_id": item.item_id,
@@ -100,39 +105,81 @@ def memory_needed_mb(item: Item) -> int:
     return int(item.bytes_total * MEMORY_FACTOR / (1024 * 1024)) + MEMORY_OVERHEAD_MB
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+class FencedOut(Exception):
+    """This attempt's lease was taken over: another attempt owns the series now."""
+
+
+class _Lease:
+    """The claim this attempt holds, renewed by the heartbeat and checked before anything is published."""
+
+    def __init__(self, ctx: Context, item: Item, owner: str, generation: int) -> None:
+        self._ctx = ctx
+        self._item = item
+        self._owner = owner
+        self._generation = generation
+
+    def renew(self) -> bool:
+        ctx, item = self._ctx, self._item
+        seconds = ctx.settings.lease_seconds
+        _, renewed = ctx.store.update_item(
+            item.batch_id,
+            item.item_id,
+            lambda i: model.renew(i, ctx.clock(), seconds, self._owner, self._generation),
+        )
+        return renewed
+
+    def confirm(self, beating: HeartbeatHandle) -> None:
+        """Raise FencedOut unless this attempt still holds the series, checked against the store now."""
+        if not beating.alive or not self.renew():
+            raise FencedOut
+
+
+class _Budget:
+    """Time left before the attempt must answer (from the request's start, not from dcm2niix's)."""
+
+    def __init__(self, ctx: Context, attempt: Attempt) -> None:
+        margin = ctx.settings.answer_margin_seconds
+        self._ctx = ctx
+        self._until = None if attempt.deadline_at is None else attempt.deadline_at - margin
+
+    def remaining(self, phase: str) -> float | None:
+        if self._until is None:
+            return None
+        left = self._until - self._ctx.clock()
+        if left <= 0:
+            raise AttemptOutOfTime(
+                f"the attempt ran out of time before {phase} (the task's dispatch deadline is near); it will "
+                "be retried. If this series is very large, raise the worker's dispatch_deadline_seconds."
+            )
+        return left
 
 
 def convert_series(ctx: Context, payload: ConvertPayload, attempt: Attempt) -> ConvertResult:
     batch = ctx.store.get_batch(payload.batch_id, counted=False)  # only its status and request
     if batch.status is BatchStatus.CANCELLED:
-        item, changed = ctx.store.update_item(
-            payload.batch_id, payload.item_id, lambda i: model.cancel_item(i, ctx.clock(), CANCELLED)
-        )
+        item, changed = ctx.update_item(payload.batch_id, payload.item_id, lambda i: model.cancel_item(i, ctx.clock()))
         if changed:
             maybe_complete(ctx, batch.batch_id)
         return ConvertResult(Outcome.SKIPPED if changed else Outcome.DUPLICATE, item)
 
-    owner = worker_id()
-    lease = ctx.settings.lease_seconds
+    owner = f"{socket.gethostname()}:{os.getpid()}:{ctx.new_id(4)}"
+    seconds = ctx.settings.lease_seconds
     item, claimed = ctx.store.update_item(
-        payload.batch_id, payload.item_id, lambda i: model.claim(i, ctx.clock(), lease, owner)
+        payload.batch_id,
+        payload.item_id,
+        lambda i: model.claim(i, ctx.clock(), seconds, owner, payload.generation),
     )
     if not claimed:
-        decision = model.claim_decision(item, ctx.clock())
-        event(
-            Event.DUPLICATE_DELIVERY,
-            f"series not converted again: {decision.value}",
-            batch_id=item.batch_id,
-            item_id=item.item_id,
-            state=item.state.value,
-            retry_count=attempt.retry_count,
-        )
-        return ConvertResult(Outcome.BUSY if decision is ClaimOutcome.BUSY else Outcome.DUPLICATE, item)
+        return _not_claimed(ctx, item, payload, attempt)
 
+    lease = _Lease(ctx, item, owner, payload.generation)
+    beating = ctx.heartbeat.start(lease.renew, every=max(1.0, seconds / 3))
     try:
-        return _convert_claimed(ctx, batch, item)
+        return _convert_claimed(ctx, batch, item, lease=lease, beating=beating, budget=_Budget(ctx, attempt))
+    except FencedOut:
+        event(Event.DUPLICATE_DELIVERY, "attempt stopped: another attempt owns the series now",
+              batch_id=item.batch_id, item_id=item.item_id, retry_count=attempt.retry_count)  # fmt: skip
+        return ConvertResult(Outcome.FENCED, item)
     except DicomflowError as exc:
         return _failed(ctx, item, exc.to_failure(), attempt, owner)
     except Exception as exc:  # a bug must not lose the series: record it and let the queue retry
@@ -145,28 +192,56 @@ def convert_series(ctx: Context, payload: ConvertPayload, attempt: Attempt) -> C
             detail=type(exc).__name__,
         )
         return _failed(ctx, item, failure, attempt, owner)
+    finally:
+        beating.stop()
 
 
-def _convert_claimed(ctx: Context, batch: Batch, item: Item) -> ConvertResult:
-    budget = ctx.settings.memory_budget_mb
-    if budget and memory_needed_mb(item) > budget:
+def _not_claimed(ctx: Context, item: Item, payload: ConvertPayload, attempt: Attempt) -> ConvertResult:
+    decision = model.claim_decision(item, ctx.clock(), payload.generation)
+    event(
+        Event.DUPLICATE_DELIVERY,
+        f"series not converted again: {decision.value}",
+        batch_id=item.batch_id,
+        item_id=item.item_id,
+        state=item.state.value,
+        retry_count=attempt.retry_count,
+    )
+    if item.handed_off and item.failure is not None and item.generation == payload.generation:
+        # The attempt that handed the series off may have died before its dead-letter task was created:
+        # create it again (same name: a no-op if it exists). The reconciler is the last resort.
+        ctx.queue.enqueue([dead_letter_task(item, item.failure)])
+    return ConvertResult(Outcome.BUSY if decision.retry_later else Outcome.DUPLICATE, item)
+
+
+def _convert_claimed(
+    ctx: Context, batch: Batch, item: Item, *, lease: _Lease, beating: HeartbeatHandle, budget: _Budget
+) -> ConvertResult:
+    memory = ctx.settings.memory_budget_mb
+    if memory and memory_needed_mb(item) > memory:
         raise SeriesTooLarge(
             f"this series ({item.file_count} files, {item.bytes_total / 2**20:.0f} MiB) needs about "
-            f"{memory_needed_mb(item)} MiB of worker memory, but the worker has {budget} MiB. Deploy the worker "
+            f"{memory_needed_mb(item)} MiB of worker memory, but the worker has {memory} MiB. Deploy the worker "
             "with more memory (infra variable worker_memory) or convert this series locally with "
             "`dicomflow convert`."
         )
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.work_dir, prefix=f"series-{item.item_id[:12]}-") as tmp:
         work = Path(tmp)
-        started = time.monotonic()
+        started = ctx.clock()
+        budget.remaining("downloading")
         input_dir = ctx.source_for(batch.sources[0]).fetch(
             item.files, work / "in", lambda d, t: ctx.progress(item.batch_id, item.item_id, "download", d, t)
         )
-        downloaded = time.monotonic()
+        downloaded = ctx.clock()
+        if not beating.alive:
+            raise FencedOut
+        left = budget.remaining("converting")
+        timeout = (
+            ctx.settings.convert_timeout_seconds if left is None else min(left, ctx.settings.convert_timeout_seconds)
+        )
         ctx.progress(item.batch_id, item.item_id, "convert", 0, 1)
-        run = ctx.converter.convert(input_dir, work / "out", item.output_stem, batch.options)
-        converted = time.monotonic()
+        run = ctx.converter.convert(input_dir, work / "out", item.output_stem, batch.options, timeout_seconds=timeout)
+        converted = ctx.clock()
         classified = classify(run.exit_code, len(run.outputs), run.console)
         if classified.verdict is ConversionVerdict.NOTHING_TO_CONVERT:
             return _finish(ctx, item, skip_reason=classified.skip_reason, warnings=classified.warnings)
@@ -174,6 +249,8 @@ def _convert_claimed(ctx: Context, batch: Batch, item: Item) -> ConvertResult:
         # Downloaded inputs are no longer needed: free the space before uploading (on Cloud Run it is
         # memory). Only our own scratch folder is removed, never a source folder used in place.
         shutil.rmtree(work / "in", ignore_errors=True)
+        budget.remaining("uploading")
+        lease.confirm(beating)  # nothing is published by an attempt that lost the series
         outputs = ctx.sink_for(batch.destination).publish(
             batch.destination,
             item.rel_dir,
@@ -181,7 +258,7 @@ def _convert_claimed(ctx: Context, batch: Batch, item: Item) -> ConvertResult:
             owner_key=item.item_id,
             progress=lambda d, t: ctx.progress(item.batch_id, item.item_id, "upload", d, t),
         )
-        uploaded = time.monotonic()
+        uploaded = ctx.clock()
     timings = Timings(downloaded - started, converted - downloaded, uploaded - converted)
     return _finish(ctx, item, outputs=outputs, timings=timings, warnings=warnings)
 
@@ -196,16 +273,17 @@ def _finish(
     skip_reason: str = "",
 ) -> ConvertResult:
     now = ctx.clock()
+    generation = item.generation
     if skip_reason:
-        stored, changed = ctx.store.update_item(
-            item.batch_id, item.item_id, lambda i: model.skip(i, now, skip_reason, warnings)
+        stored, changed = ctx.update_item(
+            item.batch_id, item.item_id, lambda i: model.skip(i, now, skip_reason, warnings, generation)
         )
         outcome, name = Outcome.SKIPPED, Event.SERIES_SKIPPED
     else:
-        stored, changed = ctx.store.update_item(
+        stored, changed = ctx.update_item(
             item.batch_id,
             item.item_id,
-            lambda i: model.succeed(i, now, outputs, timings or Timings(), warnings),
+            lambda i: model.succeed(i, now, outputs, timings or Timings(), warnings, generation=generation),
         )
         outcome, name = Outcome.SUCCEEDED, Event.SERIES_SUCCEEDED
     if not changed:
@@ -235,10 +313,13 @@ def _failed(ctx: Context, item: Item, failure: Failure, attempt: Attempt, owner:
     retry_count = max(attempt.retry_count, item.attempts - 1)
     verdict = decide(failure, retry_count, ctx.settings.retry_policy)
     now = ctx.clock()
+    generation = item.generation
     if verdict is Verdict.RETRY:
-        stored, _ = ctx.store.update_item(
-            item.batch_id, item.item_id, lambda i: model.retry_later(i, now, failure, owner)
+        stored, changed = ctx.store.update_item(
+            item.batch_id, item.item_id, lambda i: model.retry_later(i, now, failure, owner, generation)
         )
+        if not changed:
+            return ConvertResult(Outcome.FENCED, stored, failure)
         event(
             Event.SERIES_ATTEMPT_FAILED,
             f"series attempt failed, will retry: {failure.reason}",
@@ -251,10 +332,16 @@ def _failed(ctx: Context, item: Item, failure: Failure, attempt: Attempt, owner:
         )
         ctx.progress(item.batch_id, item.item_id, "retry", 1, 1)
         return ConvertResult(Outcome.RETRY, stored, failure)
-    stored, _ = ctx.store.update_item(item.batch_id, item.item_id, lambda i: model.note_failure(i, now, failure))
-    # If this enqueue fails the exception propagates (5xx). On a last attempt Cloud Tasks then drops the
-    # task, but the item stays `running` with our lease, and the reconciler dead-letters it when the
-    # lease expires: the series is never lost.
+    grace = float(ctx.settings.lease_seconds)
+    stored, changed = ctx.store.update_item(
+        item.batch_id,
+        item.item_id,
+        lambda i: model.hand_off(i, now, failure, owner, generation, grace_seconds=grace),
+    )
+    if not changed:
+        return ConvertResult(Outcome.FENCED, stored, failure)
+    # If this enqueue fails the exception propagates (5xx): a redelivery finds the series handed off and
+    # creates the task again; if none comes, the reconciler dead-letters it once the grace has passed.
     ctx.queue.enqueue([dead_letter_task(stored, failure)])
     event(
         Event.SERIES_HANDED_TO_DLQ,

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from dicomflow.domain import model
 from dicomflow.domain.failures import Conflict, Failure, InvalidInput
-from dicomflow.domain.model import BatchStatus, ItemState
+from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.domain.series import FileRef
 from dicomflow.events import Event
 from dicomflow.services.context import Context, event
-from dicomflow.services.expand import convert_task
-from dicomflow.services.progress import maybe_complete
+from dicomflow.services.progress import maybe_complete, settle_batch
+from dicomflow.services.task_names import convert_task_for, redrive_task
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,18 +21,22 @@ class DeadLetterPayload:
     batch_id: str
     item_id: str
     failure: Failure
+    generation: int = 0
 
     @classmethod
     def parse(cls, payload: object) -> DeadLetterPayload:
         if not isinstance(payload, dict):
             raise InvalidInput("task body must be a JSON object", field="body")
         batch_id, item_id, failure = payload.get("batch_id"), payload.get("item_id"), payload.get("failure")
+        generation = payload.get("generation", 0)
         if not isinstance(batch_id, str) or not batch_id:
             raise InvalidInput("batch_id must be a non-empty string", field="batch_id")
         if not isinstance(item_id, str) or not item_id:
             raise InvalidInput("item_id must be a non-empty string", field="item_id")
         if not isinstance(failure, dict) or not isinstance(failure.get("reason"), str) or "code" not in failure:
             raise InvalidInput("failure must be an object with code, reason and permanent", field="failure")
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+            raise InvalidInput("generation must be a non-negative integer", field="generation")
         return cls(
             batch_id,
             item_id,
@@ -42,65 +46,80 @@ class DeadLetterPayload:
                 permanent=bool(failure.get("permanent", True)),
                 detail=str(failure.get("detail", "")),
             ),
+            generation,
         )
 
 
-def record_dead_letter(ctx: Context, batch_id: str, item_id: str, failure: Failure) -> bool:
-    """Move the item to dead_lettered once; a duplicate delivery changes and counts nothing."""
-    item, changed = ctx.store.update_item(batch_id, item_id, lambda i: model.dead_letter(i, ctx.clock(), failure))
+def record_dead_letter(ctx: Context, batch_id: str, item_id: str, failure: Failure, generation: int) -> bool:
+    """Move a handed-off item of this generation to dead_lettered once; a duplicate delivery, or a late
+    message of an older generation (the series was redriven since), changes and counts nothing."""
+    item, changed = ctx.update_item(batch_id, item_id, lambda i: model.dead_letter(i, ctx.clock(), failure, generation))
     if changed:
-        event(
-            Event.SERIES_DEAD_LETTERED,
-            f"series dead-lettered: {failure.reason}",
-            severity=logging.ERROR,
-            batch_id=batch_id,
-            item_id=item_id,
-            code=failure.code,
-            permanent=failure.permanent,
-            attempts=item.attempts,
-            modality=item.modality,
-            series_number=item.series_number,
-        )
-        maybe_complete(ctx, batch_id)
+        announce_dead_letter(ctx, item)
     return changed
 
 
-def _redrive(item: model.Item, *, now: float, files: tuple[FileRef, ...]) -> model.Item | None:
-    return model.redrive(item, now, files)
+def announce_dead_letter(ctx: Context, item: model.Item) -> None:
+    failure = item.failure
+    event(
+        Event.SERIES_DEAD_LETTERED,
+        f"series dead-lettered: {failure.reason if failure else ''}",
+        severity=logging.ERROR,
+        batch_id=item.batch_id,
+        item_id=item.item_id,
+        code=failure.code if failure else "",
+        permanent=failure.permanent if failure else True,
+        attempts=item.attempts,
+        modality=item.modality,
+        series_number=item.series_number,
+    )
+    maybe_complete(ctx, item.batch_id)
 
 
-def retry_dead_letters(ctx: Context, batch_id: str) -> int:
-    """Put every dead-lettered series of the batch back in the queue with a fresh attempt budget."""
-    batch = ctx.store.get_batch(batch_id, counted=False)
+def retry_dead_letters(ctx: Context, batch_id: str) -> tuple[Batch, int]:
+    """Ask for every dead-lettered series of the batch to be converted again (the batch API's
+    :retry-dead-letters). The work happens in a redrive task, so a request that dies half-way (the API
+    function's 60 s) leaves nothing half-done: the task is retried until every series is back in the
+    queue. Returns the batch and how many series were dead-lettered when asked."""
+    batch = ctx.store.get_batch(batch_id)
     if batch.status in (BatchStatus.CANCELLED, BatchStatus.FAILED, BatchStatus.EXPANDING):
         raise Conflict(
             f"batch {batch_id} is {batch.status.value}; only series of a running or completed batch can be retried"
         )
+    if not batch.counters.dead_lettered:
+        return batch, 0
+    asked, _ = ctx.store.update_batch(batch_id, lambda b: model.request_redrive(b, ctx.clock()))
+    ctx.queue.enqueue([redrive_task(batch_id, asked.redrives)])
+    event(Event.SERIES_REDRIVEN, "redrive of dead-lettered series requested", batch_id=batch_id,
+          count=batch.counters.dead_lettered)  # fmt: skip
+    return asked, batch.counters.dead_lettered
+
+
+def redrive(ctx: Context, batch_id: str) -> int:
+    """The redrive task: each dead-lettered series gets its convert task of the next generation *first*,
+    then moves to pending in that generation (a task delivered before the move is answered "retry"; a
+    crash between the two leaves the series dead-lettered, found again when the task is retried).
+    Files are read again from the source: the user may have fixed or re-exported them."""
+    batch = ctx.store.get_batch(batch_id, counted=False)
+    if batch.status in (BatchStatus.CANCELLED, BatchStatus.FAILED, BatchStatus.EXPANDING):
+        return 0
     source = ctx.source_for(batch.sources[0])
     redriven = 0
     after = ""
-    while True:
-        page = ctx.store.list_items(batch_id, frozenset({ItemState.DEAD_LETTERED}), after=after, limit=200)
-        if not page:
-            break
-        tasks = []
+    while page := ctx.store.list_items(batch_id, frozenset({ItemState.DEAD_LETTERED}), after=after, limit=200):
+        ctx.queue.enqueue([convert_task_for(i, i.generation + 1) for i in page])
         for item in page:
-            change = functools.partial(_redrive, now=ctx.clock(), files=tuple(source.refresh(item.files)))
-            updated, changed = ctx.store.update_item(batch_id, item.item_id, change)
-            if changed:
-                tasks.append(convert_task(updated))
-                redriven += 1
-        ctx.queue.enqueue(tasks)
+            files = tuple(source.refresh(item.files))
+            change = functools.partial(_redrive, now=ctx.clock(), files=files, generation=item.generation)
+            _, changed = ctx.update_item(batch_id, item.item_id, change)
+            redriven += int(changed)
         after = page[-1].item_id
     if redriven:
-        # Reopen only after the items are pending again, then re-check: if every redriven series already
-        # finished in the meantime, this completes the batch again.
-        ctx.store.update_batch(batch_id, lambda b: model.reopen(b, ctx.clock()))
-        event(
-            Event.SERIES_REDRIVEN,
-            f"{redriven} dead-lettered series re-enqueued",
-            batch_id=batch_id,
-            count=redriven,
-        )
-        maybe_complete(ctx, batch_id)
+        event(Event.SERIES_REDRIVEN, f"{redriven} dead-lettered series re-enqueued", batch_id=batch_id,
+              count=redriven)  # fmt: skip
+    settle_batch(ctx, batch_id)
     return redriven
+
+
+def _redrive(item: model.Item, *, now: float, files: tuple[FileRef, ...], generation: int) -> model.Item | None:
+    return model.redrive(item, now, files, generation)

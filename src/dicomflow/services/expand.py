@@ -1,19 +1,28 @@
 """Expansion: turn a batch's sources into one item (and one convert task) per DICOM series.
 
-Three idempotent steps, each a task, so any of them may be delivered twice or retried:
+Three idempotent steps, each a task, so any of them may be delivered twice, late, or retried:
 1. `list`  — list every source recursively and cut the file list into chunks (stored, not in task
-   bodies: Cloud Tasks bodies are limited to 100 KB). A source that fits in one chunk is scanned and
-   grouped right away; a larger one fans out.
+   bodies: Cloud Tasks bodies are limited to 100 KB; sized by bytes, not count, so a chunk document stays
+   under Firestore's 1 MiB whatever the path lengths). A source that fits in one chunk is scanned and
+   grouped right away; a larger one fans out. A repeated `list` of the same epoch reuses the stored
+   chunks: re-listing could cut them differently and orphan scan results.
 2. `scan`  — read the headers of one chunk's files (prefixes only) and store the results. The task
    that stores the last missing results enqueues `group`.
 3. `group` — group all results into series, fingerprint them, skip those already converted into the
-   same destination, create the items and enqueue their convert tasks, then mark the batch running.
+   same destination, create the items, enqueue a convert task for every item *stored* as pending (a
+   repeated group acts on what the first one stored, not on what it recomputes), then mark the batch
+   running.
+
+Every step belongs to the batch's expansion epoch and does nothing once the epoch moved on. A step that
+keeps failing transiently is not turned into a failed batch (its items may already exist): the batch
+stays `expanding`, and the reconciler restarts the expansion in a new epoch once it has been idle for the
+expand queue's whole retry window (giving up after MAX_RESTARTS). Permanent errors fail the batch at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 from collections import Counter as Tally
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,16 +31,21 @@ from dicomflow.domain import model
 from dicomflow.domain.failures import DicomflowError, InvalidInput, PermanentError
 from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.domain.paths import display, encode_component, join
-from dicomflow.domain.retry import CONTROL_POLICY
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, fingerprint, group_series
 from dicomflow.events import Event
-from dicomflow.ports import Attempt, ExpansionChunk, QueueName, SkippedFile, Task
+from dicomflow.ports import Attempt, ExpansionChunk, SkippedFile
 from dicomflow.services.context import Context, event
 from dicomflow.services.progress import maybe_complete
+from dicomflow.services.task_names import convert_task, group_task, scan_task
 
 MIN_CHUNK = 64
 IGNORED_EXAMPLES = 20
+# A chunk document holds its files and, once scanned, a result per file (about as large again): keep
+# the files of one chunk well under half of Firestore's 1 MiB per document (GCP_FACTS gotcha 24).
+CHUNK_FILE_BYTES = 300 * 1024
+ITEMS_PER_CALL_BYTES = 2 * 1024 * 1024
 ALREADY_CONVERTED = "already converted into this destination (same files, same converter, same options)"
+STEPS = ("list", "scan", "group", "redrive", "cancel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +53,7 @@ class ExpandPayload:
     batch_id: str
     step: str
     chunk_no: int = 0
-
-    STEPS = ("list", "scan", "group")
+    epoch: int = 0
 
     @classmethod
     def parse(cls, payload: object) -> ExpandPayload:
@@ -49,34 +62,24 @@ class ExpandPayload:
         batch_id = payload.get("batch_id")
         step = payload.get("step")
         chunk_no = payload.get("chunk_no", 0)
+        epoch = payload.get("epoch", 0)
         if not isinstance(batch_id, str) or not batch_id:
             raise InvalidInput("batch_id must be a non-empty string", field="batch_id")
-        if step not in cls.STEPS:
-            raise InvalidInput(f"step must be one of {', '.join(cls.STEPS)}", field="step")
-        if not isinstance(chunk_no, int) or isinstance(chunk_no, bool) or chunk_no < 0:
-            raise InvalidInput("chunk_no must be a non-negative integer", field="chunk_no")
-        return cls(batch_id, str(step), chunk_no)
-
-
-def scan_task(batch_id: str, chunk_no: int) -> Task:
-    return Task(
-        QueueName.EXPAND,
-        f"expand-{batch_id}-scan-{chunk_no}",
-        {"batch_id": batch_id, "step": "scan", "chunk_no": chunk_no},
-    )
-
-
-def group_task(batch_id: str) -> Task:
-    return Task(QueueName.EXPAND, f"expand-{batch_id}-group", {"batch_id": batch_id, "step": "group"})
+        if step not in STEPS:
+            raise InvalidInput(f"step must be one of {', '.join(STEPS)}", field="step")
+        for name, value in (("chunk_no", chunk_no), ("epoch", epoch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidInput(f"{name} must be a non-negative integer", field=name)
+        return cls(batch_id, str(step), chunk_no, epoch)
 
 
 def handle_expand(ctx: Context, payload: ExpandPayload, attempt: Attempt) -> None:
-    """Run one expansion step. A permanent error, or a transient one on the last attempt, fails the
-    batch with the reason (never leaves it silently `expanding`); other transient errors propagate so
-    the queue retries the step."""
+    """Run one expansion step of the batch's current epoch. A permanent error fails the batch with the
+    reason; transient errors propagate so the queue retries the step (see the module docstring for what
+    happens when its retries run out)."""
     batch = ctx.store.get_batch(payload.batch_id, counted=False)
-    if batch.status is not BatchStatus.EXPANDING:
-        return  # a duplicate or late delivery: expansion already finished (or the batch was cancelled)
+    if batch.status is not BatchStatus.EXPANDING or batch.epoch != payload.epoch:
+        return  # a duplicate or late delivery: expansion finished, was restarted, or the batch was cancelled
     try:
         if payload.step == "list":
             _list(ctx, batch)
@@ -85,25 +88,34 @@ def handle_expand(ctx: Context, payload: ExpandPayload, attempt: Attempt) -> Non
         else:
             _group(ctx, batch)
     except DicomflowError as exc:
-        if exc.permanent or CONTROL_POLICY.is_last_attempt(attempt.retry_count):
-            _fail(ctx, batch, exc)
+        if exc.permanent:
+            fail_expansion(ctx, batch, exc)
             return
         raise
 
 
-def _fail(ctx: Context, batch: Batch, exc: DicomflowError) -> None:
+def fail_expansion(ctx: Context, batch: Batch, exc: DicomflowError) -> None:
+    """The batch cannot be expanded: it fails with the reason, and any series a partial expansion already
+    created are skipped with it, so no series of a failed batch waits for a conversion."""
     failed, changed = ctx.store.update_batch(
         batch.batch_id, lambda b: model.fail_batch(b, ctx.clock(), exc.to_failure())
     )
-    if changed:
-        event(
-            Event.BATCH_FAILED,
-            f"batch could not be expanded: {exc.reason}",
-            severity=logging.ERROR,
-            batch_id=batch.batch_id,
-            code=exc.code,
-        )
-        ctx.store.delete_chunks(failed.batch_id)
+    if not changed:
+        return
+    event(
+        Event.BATCH_FAILED,
+        f"batch could not be expanded: {exc.reason}",
+        severity=logging.ERROR,
+        batch_id=batch.batch_id,
+        code=exc.code,
+    )
+    reason = f"the batch failed before this series was converted: {exc.reason}"
+    while page := ctx.store.list_items(batch.batch_id, frozenset({ItemState.PENDING, ItemState.RETRYING})):
+        for item in page:
+            ctx.update_item(batch.batch_id, item.item_id, lambda i: model.cancel_item(i, ctx.clock(), reason))
+        if len(page) < 100:
+            break
+    ctx.store.delete_chunks(failed.batch_id)
 
 
 def _source_prefixes(ctx: Context, batch: Batch) -> list[str]:
@@ -120,49 +132,85 @@ def _source_prefixes(ctx: Context, batch: Batch) -> list[str]:
     return names
 
 
-def chunk_size(total: int, parallelism: int, maximum: int) -> int:
-    """Small enough that every scanner gets work, large enough that tasks are not mostly overhead."""
-    if total == 0:
-        return maximum
-    return max(MIN_CHUNK, min(maximum, math.ceil(total / max(1, parallelism * 2))))
+def _ref_bytes(ref: FileRef) -> int:
+    return len(json.dumps(ref.to_dict(), separators=(",", ":")).encode()) + 16
+
+
+def cut_chunks(files: Sequence[FileRef], parallelism: int, maximum: int) -> list[tuple[FileRef, ...]]:
+    """Chunks small enough that every scanner gets work and every chunk document fits its byte budget,
+    large enough that tasks are not mostly overhead."""
+    target = max(MIN_CHUNK, min(maximum, -(-len(files) // max(1, parallelism * 2))))
+    chunks: list[tuple[FileRef, ...]] = []
+    current: list[FileRef] = []
+    size = 0
+    for ref in files:
+        ref_size = _ref_bytes(ref)
+        if current and (len(current) >= target or size + ref_size > CHUNK_FILE_BYTES):
+            chunks.append(tuple(current))
+            current, size = [], 0
+        current.append(ref)
+        size += ref_size
+    return [*chunks, tuple(current)] if current or not chunks else chunks
 
 
 def _list(ctx: Context, batch: Batch) -> None:
-    files: list[FileRef] = []
-    skipped: list[SkippedFile] = []
-    for source, prefix in zip(batch.sources, _source_prefixes(ctx, batch), strict=True):
-        for entry in ctx.source_for(source).list_files(source):
-            if isinstance(entry, SkippedFile):
-                skipped.append(SkippedFile(join(prefix, entry.path), entry.ignored))
-            else:
-                files.append(FileRef(entry.ref, join(prefix, entry.path), entry.size, entry.md5))
-    files.sort(key=lambda f: f.path)
-    size = chunk_size(len(files), ctx.scan_parallelism, ctx.settings.expand_chunk_files)
-    parts = [tuple(files[i : i + size]) for i in range(0, len(files), size)] or [()]
-    chunks = [ExpansionChunk(batch.batch_id, n, part, tuple(skipped) if n == 0 else ()) for n, part in enumerate(parts)]
-    ctx.store.put_chunks(chunks)
-    if len(chunks) == 1:
+    epoch = batch.epoch
+    if not batch.listing:
+        listing = f"e{epoch}-{ctx.new_id(4)}"
+        files: list[FileRef] = []
+        skipped: list[SkippedFile] = []
+        for source, prefix in zip(batch.sources, _source_prefixes(ctx, batch), strict=True):
+            for entry in ctx.source_for(source).list_files(source):
+                if isinstance(entry, SkippedFile):
+                    skipped.append(SkippedFile(join(prefix, entry.path), entry.ignored))
+                else:
+                    files.append(FileRef(entry.ref, join(prefix, entry.path), entry.size, entry.md5))
+        files.sort(key=lambda f: f.path)
+        parts = cut_chunks(files, ctx.scan_parallelism, ctx.settings.expand_chunk_files)
+        chunks = [
+            ExpansionChunk(batch.batch_id, n, part, tuple(skipped) if n == 0 else (), listing=listing)
+            for n, part in enumerate(parts)
+        ]
+        ctx.store.put_chunks(chunks)
+        # The first listing recorded wins; a concurrent duplicate's chunks (and an older epoch's) are never
+        # read, and are removed here.
+        batch, _ = ctx.store.update_batch(
+            batch.batch_id, lambda b: model.list_done(b, ctx.clock(), epoch, listing, len(chunks))
+        )
+        if batch.epoch != epoch or batch.status is not BatchStatus.EXPANDING:
+            return
+        ctx.store.delete_chunks(batch.batch_id, keep=batch.listing)
+    if batch.listed_chunks == 1:
         _scan(ctx, batch, 0, group_inline=True)
         return
-    ctx.queue.enqueue([scan_task(batch.batch_id, c.chunk_no) for c in chunks])
+    unscanned = [c.chunk_no for c in ctx.store.list_chunks(batch.batch_id, batch.listing) if c.results is None]
+    if unscanned:
+        ctx.queue.enqueue([scan_task(batch.batch_id, epoch, n) for n in unscanned])
+    else:
+        ctx.queue.enqueue([group_task(batch.batch_id, epoch)])
 
 
 def _scan(ctx: Context, batch: Batch, chunk_no: int, *, group_inline: bool) -> None:
-    chunk = ctx.store.get_chunk(batch.batch_id, chunk_no)
+    epoch, listing = batch.epoch, batch.listing
+    if not listing:
+        return  # a scan task can only exist once its listing was recorded; nothing to do otherwise
+    chunk = ctx.store.get_chunk(batch.batch_id, listing, chunk_no)
     if chunk.results is None:
         # All sources of a batch are of one kind (checked at submission) and file refs carry the rest.
         location = batch.sources[0]
         results = ctx.scanner_for(location).scan(ctx.source_for(location), chunk.files)
-        ctx.store.put_chunk_results(batch.batch_id, chunk_no, results)
+        ctx.store.put_chunk_results(batch.batch_id, listing, chunk_no, results)
+        ctx.store.update_batch(batch.batch_id, lambda b: model.expansion_progress(b, ctx.clock(), epoch))
     if group_inline:
         _group(ctx, batch)
-    elif ctx.store.count_unscanned_chunks(batch.batch_id) == 0:
-        ctx.queue.enqueue([group_task(batch.batch_id)])
+    elif ctx.store.count_unscanned_chunks(batch.batch_id, listing) == 0:
+        ctx.queue.enqueue([group_task(batch.batch_id, epoch)])
 
 
 def _group(ctx: Context, batch: Batch) -> None:
-    chunks = ctx.store.list_chunks(batch.batch_id)
-    if any(c.results is None for c in chunks):
+    epoch = batch.epoch
+    chunks = ctx.store.list_chunks(batch.batch_id, batch.listing) if batch.listing else []
+    if not batch.listing or len(chunks) != batch.listed_chunks or any(c.results is None for c in chunks):
         return  # the last scan task enqueues group again
     pairs: list[tuple[FileRef, DicomHeader]] = []
     ignored: Tally[str] = Tally()
@@ -197,16 +245,19 @@ def _group(ctx: Context, batch: Batch) -> None:
         model.new_item(batch, group, fp, now, skip_reason=ALREADY_CONVERTED if fp in already else "")
         for group, fp in zip(groups, fps, strict=True)
     ]
-    _add_in_slices(ctx, items)
-    # Enqueue before marking the batch running: if this step dies in between, its redelivery finds the
-    # batch still expanding and enqueues again (task ids are deterministic; duplicates are no-ops).
-    ctx.queue.enqueue([convert_task(i) for i in items if i.state is ItemState.PENDING])
+    for part in _slices(items):
+        stored = ctx.store.add_items(part)
+        # Enqueue before marking the batch running: if this step dies in between, its redelivery finds
+        # the batch still expanding and enqueues again (task names are deterministic; repeats are no-ops).
+        ctx.queue.enqueue([convert_task(i) for i in stored if i.state is ItemState.PENDING])
     _, changed = ctx.store.update_batch(
         batch.batch_id,
-        lambda b: model.finish_expansion(b, ctx.clock(), files_seen, sum(ignored.values()), tuple(examples)),
+        lambda b: model.finish_expansion(
+            b, ctx.clock(), files_seen, sum(ignored.values()), tuple(examples), epoch=epoch
+        ),
     )
-    ctx.store.delete_chunks(batch.batch_id)
     if changed:
+        ctx.store.delete_chunks(batch.batch_id)
         event(
             Event.BATCH_EXPANDED,
             "batch expanded into series",
@@ -220,15 +271,15 @@ def _group(ctx: Context, batch: Batch) -> None:
     maybe_complete(ctx, batch.batch_id)
 
 
-def _add_in_slices(ctx: Context, items: Sequence[model.Item], size: int = 400) -> None:
-    for start in range(0, len(items), size):
-        ctx.store.add_items(items[start : start + size])
-
-
-def convert_task(item: model.Item, suffix: str = "") -> Task:
-    task_id = item.task_id + (f"-{suffix}" if suffix else "")
-    return Task(
-        QueueName.CONVERT,
-        task_id,
-        {"batch_id": item.batch_id, "item_id": item.item_id, "generation": item.generation},
-    )
+def _slices(items: Sequence[model.Item]) -> list[list[model.Item]]:
+    """Items in calls of bounded size (the store splits further by its own request limits)."""
+    slices: list[list[model.Item]] = [[]]
+    size = 0
+    for item in items:
+        item_size = sum(_ref_bytes(f) for f in item.files) + 1024
+        if slices[-1] and size + item_size > ITEMS_PER_CALL_BYTES:
+            slices.append([])
+            size = 0
+        slices[-1].append(item)
+        size += item_size
+    return [s for s in slices if s]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -20,18 +21,38 @@ def maybe_complete(ctx: Context, batch_id: str) -> bool:
     """
     if ctx.store.count_active(batch_id):
         return False
-    counters = ctx.store.counters(batch_id)
-    batch, changed = ctx.store.update_batch(batch_id, lambda b: model.complete_if_done(b, counters, ctx.clock()))
-    if changed:
-        event(
-            Event.BATCH_COMPLETED,
-            f"batch {batch.status.value}",
-            severity=logging.WARNING if counters.dead_lettered else logging.INFO,
-            batch_id=batch_id,
-            status=batch.status.value,
-            data=counters.to_dict(),
-        )
-    return batch.is_final
+    return settle_batch(ctx, batch_id)
+
+
+def settle_batch(ctx: Context, batch_id: str) -> bool:
+    """Give the batch the status its counters call for (model.settle): completed once every series is
+    final, back to running when a redrive reopened series, the other completed status after a late
+    success. True when the batch is final afterwards."""
+    retention = ctx.settings.retention_days * 86400.0
+    for _ in range(3):
+        counters = ctx.store.counters(batch_id)
+        change = functools.partial(_settle, counters=counters, now=ctx.clock(), retention=retention)
+        batch, changed = ctx.store.update_batch(batch_id, change)
+        if not changed:
+            return batch.is_final
+        if batch.is_final:
+            event(
+                Event.BATCH_COMPLETED,
+                f"batch {batch.status.value}",
+                severity=logging.WARNING if counters.dead_lettered else logging.INFO,
+                batch_id=batch_id,
+                status=batch.status.value,
+                data=counters.to_dict(),
+            )
+        # The counters were read before the write: a redrive may have reopened series in between. Look
+        # once more so a batch never stays completed while series of it run again.
+        if not batch.is_final or not ctx.store.count_active(batch_id):
+            return batch.is_final
+    return False
+
+
+def _settle(batch: Batch, *, counters: Counters, now: float, retention: float) -> Batch | None:
+    return model.settle(batch, counters, now, retention)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,23 @@
-"""The reconciler: finds work a crash left behind and finishes it (run every 10 minutes by Cloud
-Scheduler; run at start-up by local mode).
+"""The reconciler: owns every non-final state, because Cloud Tasks drops a task silently after its last
+attempt and never says so (DESIGN.md invariant 7, GCP_FACTS gotchas 12 and 21). Run every 10 minutes by
+Cloud Scheduler, and at start-up by local mode.
 
-- An item `running` past its lease lost its worker (crash, OOM kill, instance stopped). With attempts
-  left it goes back to `retrying` and gets a new task; on its last attempt it is dead-lettered with the
-  reason — a crash on the last attempt must not lose the series (DESIGN.md invariant 4).
-- An item `retrying` for much longer than the queue's longest backoff lost its task; it gets a new one.
-- A batch still `expanding` long after its last update lost its expansion task; it gets a new one.
-- A batch `running` whose items are all finished is completed (normally done by the last worker).
+- `running` with an expired lease: the worker died (crash, OOM kill, instance stopped) or stalled. With
+  attempts left the series goes back to `retrying` with a new task; on its last attempt it is
+  dead-lettered with the reason. A series *handed off* to the dead-letter queue whose hand-off task was
+  lost is dead-lettered with the failure the worker recorded (never retried: it may be permanent).
+- `pending` or `retrying` untouched for longer than the convert queue's whole retry window: its task may
+  be gone (dropped after its last attempt while the worker was down or refused it, or never created).
+  The reconciler asks the queue; if the task is still there (a long backlog) it waits another period,
+  otherwise the series gets a new task. A series of a cancelled batch is skipped instead.
+- `expanding` untouched for longer than the expand queue's retry window: its tasks were dropped; the
+  expansion restarts in a new epoch (new task names), and the batch fails after MAX_RESTARTS.
+- `running` (or completed) batches get the status their counters call for.
+
+Every transition is conditional on the snapshot the reconciler read (the item's `rev`), so acting on an
+old query result changes nothing (DESIGN.md invariant 8). The waiting periods are derived from the
+queues' own settings, so a dev stack with short settings recovers as quickly, relative to them, as
+production does.
 """
 
 from __future__ import annotations
@@ -14,25 +25,48 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from dicomflow.config import Settings
 from dicomflow.domain import model
-from dicomflow.domain.failures import WorkerInterrupted
-from dicomflow.domain.model import BatchStatus, Item, ItemState
+from dicomflow.domain.failures import PermanentError, WorkerInterrupted
+from dicomflow.domain.model import Batch, BatchStatus, Item, ItemState
+from dicomflow.domain.retry import CONTROL_POLICY, RetryPolicy
 from dicomflow.events import Event
+from dicomflow.ports import QueueName
 from dicomflow.services.context import Context, event
-from dicomflow.services.dead_letter import record_dead_letter
-from dicomflow.services.expand import convert_task
-from dicomflow.services.progress import maybe_complete
-from dicomflow.services.submit import expand_task
+from dicomflow.services.dead_letter import announce_dead_letter
+from dicomflow.services.expand import fail_expansion
+from dicomflow.services.progress import settle_batch
+from dicomflow.services.task_names import convert_task, expand_task
 
-EXPANSION_STALL_SECONDS = 3600.0
+MAX_RESTARTS = 3
+# Slack on top of a queue's retry window: dispatch is not instantaneous, and a task may wait behind
+# others before its first attempt.
+WINDOW_SLACK_SECONDS = 300.0
+
+
+def retry_window(policy: RetryPolicy, dispatch_deadline: float) -> float:
+    """How long a task can live in its queue once dispatching starts: every attempt may run to its
+    dispatch deadline, with the backoffs in between (Cloud Tasks' RetryConfig semantics)."""
+    backoffs = sum(policy.backoff(n) for n in range(policy.max_attempts - 1))
+    return policy.max_attempts * dispatch_deadline + backoffs + WINDOW_SLACK_SECONDS
+
+
+def convert_task_lost_after(settings: Settings) -> float:
+    return retry_window(settings.retry_policy, settings.dispatch_deadline_seconds)
+
+
+def expansion_stalled_after(settings: Settings) -> float:
+    return retry_window(CONTROL_POLICY, settings.expand_dispatch_deadline_seconds)
 
 
 @dataclass(frozen=True, slots=True)
 class ReconcileReport:
     requeued: int = 0
     dead_lettered: int = 0
+    still_queued: int = 0
+    cancelled: int = 0
     expansions_restarted: int = 0
-    batches_completed: int = 0
+    batches_settled: int = 0
 
 
 def _interrupted() -> WorkerInterrupted:
@@ -41,80 +75,145 @@ def _interrupted() -> WorkerInterrupted:
     )
 
 
+def _task_lost() -> WorkerInterrupted:
+    return WorkerInterrupted(
+        "the queue gave up on this series' task before any worker could take it (the worker was unavailable "
+        "or refused it); dicomflow re-enqueued it until its attempts were used up"
+    )
+
+
+class _Run:
+    def __init__(self, ctx: Context, *, all_leases_expired: bool) -> None:
+        self.ctx = ctx
+        self.now = ctx.clock()
+        self.lease_horizon = float("inf") if all_leases_expired else self.now
+        self.policy = ctx.settings.retry_policy
+        self.batches: dict[str, Batch] = {}
+        self.counts = {"requeued": 0, "dead_lettered": 0, "still_queued": 0, "cancelled": 0}
+
+    def batch(self, batch_id: str) -> Batch:
+        if batch_id not in self.batches:
+            self.batches[batch_id] = self.ctx.store.get_batch(batch_id, counted=False)
+        return self.batches[batch_id]
+
+    def exhausted(self, item: Item) -> bool:
+        return item.attempts >= self.policy.max_attempts
+
+    def stale(self, item: Item) -> None:
+        if item.state is ItemState.RUNNING:
+            self.expired_lease(item)
+        else:
+            self.idle(item)
+
+    def expired_lease(self, seen: Item) -> None:
+        ctx = self.ctx
+        if seen.handed_off or self.exhausted(seen):
+            failure = _interrupted().to_failure()
+            stored, changed = ctx.update_item(
+                seen.batch_id,
+                seen.item_id,
+                lambda i: model.abandon(i, self.now, failure, seen, expired_before=self.lease_horizon),
+            )
+            if changed:
+                self.dead(stored, "series dead-lettered by the reconciler: its attempt ended without a result")
+            return
+        failure = _interrupted().to_failure()
+        stored, changed = ctx.update_item(
+            seen.batch_id,
+            seen.item_id,
+            lambda i: model.release_orphan(i, self.now, failure, seen, expired_before=self.lease_horizon),
+        )
+        if changed:
+            self.requeue(stored, seen)
+
+    def idle(self, seen: Item) -> None:
+        ctx = self.ctx
+        if self.batch(seen.batch_id).status is BatchStatus.CANCELLED:
+            _, changed = ctx.update_item(seen.batch_id, seen.item_id, lambda i: model.cancel_stale(i, self.now, seen))
+            self.counts["cancelled"] += int(changed)
+            return
+        if ctx.queue.exists(QueueName.CONVERT, seen.task_id):
+            _, changed = ctx.store.update_item(
+                seen.batch_id, seen.item_id, lambda i: model.still_queued(i, self.now, seen)
+            )
+            self.counts["still_queued"] += int(changed)
+            return
+        if self.exhausted(seen):
+            # Not reachable through the worker (a retrying series has attempts left), but a policy
+            # lowered between deployments can leave one: dead-letter it rather than loop.
+            failure = seen.failure or _task_lost().to_failure()
+            stored, changed = ctx.update_item(
+                seen.batch_id, seen.item_id, lambda i: model.give_up(i, self.now, failure, seen)
+            )
+            if changed:
+                self.dead(stored, "series dead-lettered by the reconciler: its attempts are used up")
+            return
+        stored, changed = ctx.store.update_item(seen.batch_id, seen.item_id, lambda i: model.requeue(i, self.now, seen))
+        if changed:
+            self.requeue(stored, seen)
+
+    def requeue(self, stored: Item, seen: Item) -> None:
+        self.ctx.queue.enqueue([convert_task(stored)])
+        self.counts["requeued"] += 1
+        event(
+            Event.RECONCILE_REQUEUED,
+            "stale series re-enqueued",
+            severity=logging.WARNING,
+            batch_id=stored.batch_id,
+            item_id=stored.item_id,
+            state=seen.state.value,
+            attempts=stored.attempts,
+        )
+
+    def dead(self, stored: Item, message: str) -> None:
+        self.counts["dead_lettered"] += 1
+        event(Event.RECONCILE_DEAD_LETTERED, message, severity=logging.ERROR, batch_id=stored.batch_id,
+              item_id=stored.item_id)  # fmt: skip
+        announce_dead_letter(self.ctx, stored)
+
+
 def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileReport:
     """`all_leases_expired` is for local mode at start-up: no other process can hold a lease then."""
-    now = ctx.clock()
-    policy = ctx.settings.retry_policy
-    lease_horizon = float("inf") if all_leases_expired else now
-    retrying_cutoff = now - (policy.max_backoff_seconds + ctx.settings.dispatch_deadline_seconds + 600)
-    requeued = dead = 0
-    for item in ctx.store.find_stale(lease_horizon, retrying_cutoff):
-        if _exhausted(item, policy.max_attempts):
-            # A recorded failure is the real cause (a transient error, or a dead-letter hand-off whose task
-            # was lost); without one, the worker died mid-attempt.
-            failure = item.failure or _interrupted().to_failure()
-            if record_dead_letter(ctx, item.batch_id, item.item_id, failure):
-                dead += 1
-                event(
-                    Event.RECONCILE_DEAD_LETTERED,
-                    "stale series dead-lettered after its last attempt",
-                    severity=logging.ERROR,
-                    batch_id=item.batch_id,
-                    item_id=item.item_id,
-                )
-            continue
-        if _requeue(ctx, item, now):
-            requeued += 1
+    run = _Run(ctx, all_leases_expired=all_leases_expired)
+    idle_before = run.now - convert_task_lost_after(ctx.settings)
+    for item in ctx.store.find_stale(run.lease_horizon, idle_before):
+        run.stale(item)
 
-    restarted = completed = 0
+    restarted = settled = 0
+    stalled_after = expansion_stalled_after(ctx.settings)
     unfinished = frozenset({BatchStatus.EXPANDING, BatchStatus.RUNNING})
     for batch in ctx.store.list_batches(limit=500, statuses=unfinished, counted=False):
         if batch.status is BatchStatus.RUNNING:
-            completed += int(maybe_complete(ctx, batch.batch_id))
-        elif not all_leases_expired and now - batch.updated_at > EXPANSION_STALL_SECONDS:
-            # Locally, expansion tasks persist in the queue; in the cloud one may have been dropped.
-            # A new task id, and touching the batch so the next run waits another full period.
-            ctx.store.update_batch(batch.batch_id, lambda b: _touch_batch(b, ctx.clock()))
-            ctx.queue.enqueue([expand_task(batch.batch_id, suffix=f"r{int(now)}")])
-            restarted += 1
-    return ReconcileReport(requeued, dead, restarted, completed)
-
-
-def _requeue(ctx: Context, item: Item, now: float) -> bool:
-    failure = _interrupted().to_failure()
-    if item.state is ItemState.RUNNING:
-        updated, changed = ctx.store.update_item(
-            item.batch_id, item.item_id, lambda i: model.release_orphan(i, ctx.clock(), failure)
-        )
-    else:
-        updated, changed = ctx.store.update_item(item.batch_id, item.item_id, lambda i: _touch(i, ctx.clock()))
-    if not changed:
-        return False
-    # A fresh task id: the old one may be blocked for reuse for up to a day.
-    ctx.queue.enqueue([convert_task(updated, suffix=f"r{updated.attempts}-{int(now)}")])
-    event(
-        Event.RECONCILE_REQUEUED,
-        "stale series re-enqueued",
-        severity=logging.WARNING,
-        batch_id=item.batch_id,
-        item_id=item.item_id,
-        state=item.state.value,
-        attempts=item.attempts,
+            settled += int(settle_batch(ctx, batch.batch_id))
+        elif not all_leases_expired and run.now - batch.updated_at > stalled_after:
+            restarted += int(_restart_expansion(ctx, batch, run.now))
+    return ReconcileReport(
+        requeued=run.counts["requeued"],
+        dead_lettered=run.counts["dead_lettered"],
+        still_queued=run.counts["still_queued"],
+        cancelled=run.counts["cancelled"],
+        expansions_restarted=restarted,
+        batches_settled=settled,
     )
-    return True
 
 
-def _exhausted(item: Item, max_attempts: int) -> bool:
-    return item.attempts >= max_attempts
-
-
-def _touch(item: Item, now: float) -> Item | None:
-    if item.state is not ItemState.RETRYING:
-        return None
-    return model.touch(item, now)
-
-
-def _touch_batch(batch: model.Batch, now: float) -> model.Batch | None:
-    if batch.status is not BatchStatus.EXPANDING:
-        return None
-    return model.touch_batch(batch, now)
+def _restart_expansion(ctx: Context, batch: Batch, now: float) -> bool:
+    """Locally, expansion tasks persist in the queue; in the cloud one may have been dropped."""
+    if batch.restarts >= MAX_RESTARTS:
+        fail_expansion(
+            ctx,
+            batch,
+            PermanentError(
+                f"the source could not be read completely after {MAX_RESTARTS + 1} tries (the expansion kept "
+                "failing or timing out); check that the folder is shared and readable, then submit it again"
+            ),
+        )
+        return False
+    restarted, changed = ctx.store.update_batch(
+        batch.batch_id, lambda b: model.restart_expansion(b, now, batch.updated_at)
+    )
+    if changed:
+        ctx.queue.enqueue([expand_task(restarted.batch_id, restarted.epoch)])
+        event(Event.RECONCILE_REQUEUED, "stalled expansion restarted", severity=logging.WARNING,
+              batch_id=batch.batch_id, epoch=restarted.epoch)  # fmt: skip
+    return changed

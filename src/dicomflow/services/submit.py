@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,8 +13,9 @@ from dicomflow.domain.locations import Location
 from dicomflow.domain.model import Batch, BatchStatus
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.events import Event
-from dicomflow.ports import IdempotencyRecord, QueueName, Task
+from dicomflow.ports import IdempotencyRecord
 from dicomflow.services.context import Context, event
+from dicomflow.services.task_names import expand_task
 
 MAX_LABEL = 200
 
@@ -46,16 +46,6 @@ class SubmitResult:
     created: bool
 
 
-def new_batch_id() -> str:
-    # Random, not time-ordered: sequential document ids create Firestore hot spots.
-    return secrets.token_hex(10)
-
-
-def expand_task(batch_id: str, suffix: str = "") -> Task:
-    task_id = f"expand-{batch_id}-list" + (f"-{suffix}" if suffix else "")
-    return Task(QueueName.EXPAND, task_id, {"batch_id": batch_id, "step": "list"})
-
-
 def validate_request(ctx: Context, request: BatchRequest) -> None:
     if not request.sources:
         raise InvalidInput("give at least one source folder", field="source")
@@ -84,9 +74,13 @@ def submit(
 ) -> SubmitResult:
     """Create a batch in `expanding` state and enqueue its expansion.
 
-    With an `idempotency_key`, a repeated submission returns the batch created the first time. If the
-    first attempt recorded the batch but failed to enqueue its expansion, the repeat enqueues it again
-    (expansion is idempotent), so a client that retries after an error never leaves a batch stuck.
+    The expansion task is created *before* the batch is recorded: if the enqueue fails, the caller gets
+    an error and nothing exists (its retry starts afresh, never leaving a second, orphaned batch); if
+    recording fails after the enqueue, the task finds no batch and is dropped after its retries. A task
+    that arrives before the batch is recorded is answered "not found" and retried.
+
+    With an `idempotency_key`, a repeated submission returns the batch created the first time (and
+    enqueues its expansion again if it is still expanding: the task name makes that a no-op).
     """
     validate_request(ctx, request)
     if check_locations:
@@ -96,8 +90,9 @@ def submit(
         ctx.sink_for(request.destination).check(request.destination)
 
     now = ctx.clock()
+    # Random, not time-ordered: sequential document ids create Firestore hot spots.
     batch = Batch(
-        batch_id=new_batch_id(),
+        batch_id=ctx.new_id(10),
         sources=request.sources,
         destination=request.destination,
         options=request.options,
@@ -115,9 +110,10 @@ def submit(
             batch_id=batch.batch_id,
             expires_at=now + ctx.settings.idempotency_ttl_hours * 3600,
         )
+    ctx.queue.enqueue([expand_task(batch.batch_id, batch.epoch)])
     stored, created = ctx.store.create_batch(batch, record)
-    if created or stored.status is BatchStatus.EXPANDING:
-        ctx.queue.enqueue([expand_task(stored.batch_id)])
+    if not created and stored.status is BatchStatus.EXPANDING:
+        ctx.queue.enqueue([expand_task(stored.batch_id, stored.epoch)])
     if created:
         event(
             Event.BATCH_SUBMITTED,

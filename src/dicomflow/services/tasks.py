@@ -11,9 +11,10 @@ from typing import Any
 from dicomflow.domain.failures import DicomflowError, InvalidInput, NotFound
 from dicomflow.events import Event
 from dicomflow.ports import Attempt, QueueName
+from dicomflow.services.batches import sweep_cancelled
 from dicomflow.services.context import Context, event
 from dicomflow.services.convert_series import ConvertPayload, convert_series
-from dicomflow.services.dead_letter import DeadLetterPayload, record_dead_letter
+from dicomflow.services.dead_letter import DeadLetterPayload, record_dead_letter, redrive
 from dicomflow.services.drive_changes import handle_changes_task
 from dicomflow.services.expand import ExpandPayload, handle_expand
 
@@ -61,11 +62,18 @@ def _dispatch(ctx: Context, queue: QueueName, payload: object, attempt: Attempt)
             body["failure"] = result.failure.to_dict()
         return TaskResponse(200 if result.outcome.ack else 503, body)
     if queue is QueueName.EXPAND:
-        handle_expand(ctx, ExpandPayload.parse(payload), attempt)
+        # The expand function also runs the batch-maintenance steps that must not live in a 60 s API
+        # request: redriving dead letters and sweeping a cancelled batch.
+        step = ExpandPayload.parse(payload)
+        if step.step == "redrive":
+            return TaskResponse(200, {"outcome": "done", "redriven": redrive(ctx, step.batch_id)})
+        if step.step == "cancel":
+            return TaskResponse(200, {"outcome": "done", "skipped": sweep_cancelled(ctx, step.batch_id)})
+        handle_expand(ctx, step, attempt)
         return TaskResponse(200, {"outcome": "done"})
     if queue is QueueName.DEAD_LETTER:
         parsed = DeadLetterPayload.parse(payload)
-        changed = record_dead_letter(ctx, parsed.batch_id, parsed.item_id, parsed.failure)
+        changed = record_dead_letter(ctx, parsed.batch_id, parsed.item_id, parsed.failure, parsed.generation)
         return TaskResponse(200, {"outcome": "dead_lettered" if changed else "duplicate"})
     if queue is QueueName.CHANGES:
         handle_changes_task(ctx, payload, attempt)

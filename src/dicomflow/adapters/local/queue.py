@@ -5,7 +5,8 @@ loses nothing: the next run finds them again. A pool of worker *processes* runs 
 parsing use whole cores). Like Cloud Tasks: a 2xx answer deletes the task; anything else — including a
 worker process dying mid-task — schedules the next attempt after the queue's backoff, and after the last
 attempt the task is dropped (the convert handler has already handed the series to the dead-letter queue
-by then; see services/convert_series.py). Creating a task whose id exists is a no-op.
+by then; see services/convert_series.py). Creating a task whose id exists, or ran or was dropped within
+the last hour (Cloud Tasks' de-duplication window), is a no-op.
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ CREATE TABLE IF NOT EXISTS tasks (
     last_status INTEGER
 );
 CREATE INDEX IF NOT EXISTS tasks_due ON tasks (leased, not_before);
+CREATE TABLE IF NOT EXISTS task_tombstones (
+    task_id TEXT PRIMARY KEY,
+    released_at REAL NOT NULL
+);
 """
+
+# Cloud Tasks keeps a task's name blocked for about an hour after the task ran or was deleted (GCP_FACTS
+# §4, "De-dup"); the local queue does the same, so code that would re-create a finished task by name
+# behaves here as it would in the cloud.
+DEDUP_WINDOW_SECONDS = 3600.0
 
 
 class SqliteTaskQueue:
@@ -58,10 +68,24 @@ class SqliteTaskQueue:
     def enqueue(self, tasks: Sequence[Task]) -> None:
         now = self._clock()
         with self._db.tx() as db:
+            db.execute("DELETE FROM task_tombstones WHERE released_at < ?", (now - DEDUP_WINDOW_SECONDS,))
+            blocked = {
+                row[0]
+                for task in tasks
+                for row in db.execute("SELECT task_id FROM task_tombstones WHERE task_id = ?", (task.task_id,))
+            }
             db.executemany(
                 "INSERT OR IGNORE INTO tasks (task_id, queue, payload, not_before, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(t.task_id, t.queue.value, json.dumps(dict(t.payload)), now + t.delay_seconds, now) for t in tasks],
+                [
+                    (t.task_id, t.queue.value, json.dumps(dict(t.payload)), now + t.delay_seconds, now)
+                    for t in tasks
+                    if t.task_id not in blocked
+                ],
             )
+
+    def exists(self, queue: QueueName, task_id: str) -> bool | None:
+        row = self._db.conn().execute("SELECT 1 FROM tasks WHERE task_id = ? AND queue = ?", (task_id, queue.value))
+        return row.fetchone() is not None
 
     # --- used by the runner ----------------------------------------------------------------------------
 
@@ -82,8 +106,26 @@ class SqliteTaskQueue:
         return [LeasedTask(r[0], QueueName(r[1]), json.loads(r[2]), int(r[3])) for r in rows]
 
     def ack(self, task_id: str) -> None:
+        """The task is done (2xx) or dropped after its last attempt: gone, its name blocked for a while."""
         with self._db.tx() as db:
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+            db.execute("INSERT OR REPLACE INTO task_tombstones VALUES (?, ?)", (task_id, self._clock()))
+
+    def settle(self, task: LeasedTask, status: int, policy: RetryPolicy) -> str:
+        """Cloud Tasks' answer to one attempt: 2xx ends the task; anything else schedules the next attempt
+        after the policy's backoff, or drops the task silently after its last attempt. Returns what
+        happened: "acked", "retried" or "dropped"."""
+        if 200 <= status < 300:
+            self.ack(task.task_id)
+            return "acked"
+        if policy.is_last_attempt(task.retry_count):
+            log.warning(
+                "task %s dropped after %d attempts (last status %d)", task.task_id, task.retry_count + 1, status
+            )
+            self.ack(task.task_id)
+            return "dropped"
+        self.retry(task.task_id, policy.backoff(task.retry_count), status)
+        return "retried"
 
     def retry(self, task_id: str, delay: float, status: int) -> None:
         with self._db.tx() as db:
@@ -259,23 +301,8 @@ class LocalRunner:
         return self._pool()
 
     def _settle(self, task: LeasedTask, status: int) -> None:
-        if 200 <= status < 300:
-            self._tasks.ack(task.task_id)
-            self.stats.acked += 1
-            return
-        policy = self._policies[task.queue]
-        if policy.is_last_attempt(task.retry_count):
-            log.warning(
-                "task %s dropped after %d attempts (last status %d)",
-                task.task_id,
-                task.retry_count + 1,
-                status,
-            )
-            self._tasks.ack(task.task_id)
-            self.stats.dropped += 1
-            return
-        self._tasks.retry(task.task_id, policy.backoff(task.retry_count), status)
-        self.stats.retried += 1
+        outcome = self._tasks.settle(task, status, self._policies[task.queue])
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
 
 
 def drain(progress_queue: Any, handle: Callable[[Any], None]) -> None:

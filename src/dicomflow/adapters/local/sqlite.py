@@ -48,6 +48,16 @@ class SqliteDatabase:
             raise
         db.execute("COMMIT")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every statement inside sees the same committed state (WAL snapshot)."""
+        db = self.conn()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return list(self.conn().execute(sql, params))
 

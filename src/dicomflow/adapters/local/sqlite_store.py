@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_state ON items (batch_id, state);
 CREATE INDEX IF NOT EXISTS items_fingerprint ON items (dest_key, fingerprint, state);
 CREATE INDEX IF NOT EXISTS items_stale ON items (state, lease_until, updated_at);
+CREATE INDEX IF NOT EXISTS items_idle ON items (state, updated_at);
 CREATE TABLE IF NOT EXISTS idempotency (
     key_hash TEXT PRIMARY KEY,
     request_hash TEXT NOT NULL,
@@ -58,10 +60,11 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE TABLE IF NOT EXISTS chunks (
     batch_id TEXT NOT NULL,
+    listing TEXT NOT NULL,
     chunk_no INTEGER NOT NULL,
     scanned INTEGER NOT NULL,
     data TEXT NOT NULL,
-    PRIMARY KEY (batch_id, chunk_no)
+    PRIMARY KEY (batch_id, listing, chunk_no)
 );
 CREATE TABLE IF NOT EXISTS channels (
     channel_id TEXT PRIMARY KEY,
@@ -81,11 +84,22 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
+def _migrate(db: SqliteDatabase) -> None:
+    """State files written before listings were recorded have a chunks table without `listing`. Chunks
+    are scratch space of unfinished expansions (a resumed batch lists again), so the old table is replaced."""
+    columns = {row["name"] for row in db.read("PRAGMA table_info(chunks)")}
+    if "listing" not in columns:
+        with db.tx() as conn:
+            conn.execute("DROP TABLE chunks")
+        db.conn().executescript(SCHEMA)
+
+
 class SqliteStateStore:
     def __init__(self, path: Path, clock: Callable[[], float]) -> None:
         self.path = path
         self._clock = clock
         self._db = SqliteDatabase(path, SCHEMA)
+        _migrate(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -123,10 +137,12 @@ class SqliteStateStore:
         return codec.batch_from_dict(json.loads(row[0]))
 
     def get_batch(self, batch_id: str, *, counted: bool = True) -> Batch:
-        rows = self._db.read("SELECT data FROM batches WHERE batch_id = ?", (batch_id,))
-        if not rows:
-            raise NotFound(f"no batch with id {batch_id!r}")
-        return codec.batch_from_dict(json.loads(rows[0]["data"]), self.counters(batch_id) if counted else None)
+        # One read transaction: in WAL mode it sees one snapshot, so the batch and its counters agree.
+        with self._db.snapshot() as db:
+            row = db.execute("SELECT data FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no batch with id {batch_id!r}")
+            return codec.batch_from_dict(json.loads(row[0]), self._count(db, batch_id) if counted else None)
 
     def list_batches(
         self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
@@ -139,10 +155,10 @@ class SqliteStateStore:
             )
         else:
             rows = self._db.read("SELECT batch_id, data FROM batches ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [
-            codec.batch_from_dict(json.loads(r["data"]), self.counters(r["batch_id"]) if counted else None)
-            for r in rows
-        ]
+        if not counted:
+            return [codec.batch_from_dict(json.loads(r["data"])) for r in rows]
+        with self._db.snapshot() as db:
+            return [codec.batch_from_dict(json.loads(r["data"]), self._count(db, r["batch_id"])) for r in rows]
 
     def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]:
         with self._db.tx() as db:
@@ -157,8 +173,13 @@ class SqliteStateStore:
         return updated, True
 
     def counters(self, batch_id: str) -> Counters:
-        rows = self._db.read("SELECT state, COUNT(*) AS n FROM items WHERE batch_id = ? GROUP BY state", (batch_id,))
-        return Counters.from_states({ItemState(r["state"]): int(r["n"]) for r in rows})
+        with self._db.snapshot() as db:
+            return self._count(db, batch_id)
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, batch_id: str) -> Counters:
+        rows = db.execute("SELECT state, COUNT(*) FROM items WHERE batch_id = ? GROUP BY state", (batch_id,))
+        return Counters.from_states({ItemState(state): int(n) for state, n in rows})
 
     def count_active(self, batch_id: str) -> int:
         rows = self._db.read(
@@ -169,8 +190,8 @@ class SqliteStateStore:
 
     # --- items -----------------------------------------------------------------------------------------
 
-    def add_items(self, items: Sequence[Item]) -> int:
-        created = 0
+    def add_items(self, items: Sequence[Item]) -> list[Item]:
+        stored: list[Item] = []
         with self._db.tx() as db:
             for item in items:
                 cursor = db.execute(
@@ -178,8 +199,14 @@ class SqliteStateStore:
                     (item.batch_id, item.item_id, item.state.value, item.fingerprint, item.dest_key,
                      item.lease_until, item.updated_at, _dumps(codec.item_to_dict(item))),
                 )  # fmt: skip
-                created += cursor.rowcount
-        return created
+                if cursor.rowcount:
+                    stored.append(item)
+                    continue
+                row = db.execute(
+                    "SELECT data FROM items WHERE batch_id = ? AND item_id = ?", (item.batch_id, item.item_id)
+                ).fetchone()
+                stored.append(codec.item_from_dict(json.loads(row[0])))
+        return stored
 
     def get_item(self, batch_id: str, item_id: str) -> Item:
         rows = self._db.read("SELECT data FROM items WHERE batch_id = ? AND item_id = ?", (batch_id, item_id))
@@ -198,6 +225,7 @@ class SqliteStateStore:
             updated = change(current)
             if updated is None:
                 return current, False
+            updated = replace(updated, rev=current.rev + 1)
             db.execute(
                 "UPDATE items SET state = ?, lease_until = ?, updated_at = ?, data = ? "
                 "WHERE batch_id = ? AND item_id = ?",
@@ -218,13 +246,17 @@ class SqliteStateStore:
         rows = self._db.read(f"SELECT data FROM items WHERE {where} ORDER BY item_id LIMIT ?", params)  # noqa: S608
         return [codec.item_from_dict(json.loads(r["data"])) for r in rows]
 
-    def find_stale(self, now: float, retrying_older_than: float, limit: int = 500) -> list[Item]:
-        rows = self._db.read(
-            "SELECT data FROM items WHERE (state = 'running' AND lease_until < ?) "
-            "OR (state = 'retrying' AND updated_at < ?) ORDER BY updated_at LIMIT ?",
-            (now, retrying_older_than, limit),
+    def find_stale(self, now: float, idle_before: float, limit: int = 500) -> list[Item]:
+        running = self._db.read(
+            "SELECT data FROM items WHERE state = 'running' AND lease_until < ? ORDER BY lease_until LIMIT ?",
+            (now, limit),
         )
-        return [codec.item_from_dict(json.loads(r["data"])) for r in rows]
+        idle = self._db.read(
+            "SELECT data FROM items WHERE state IN ('pending', 'retrying') AND updated_at < ? "
+            "ORDER BY updated_at LIMIT ?",
+            (idle_before, limit),
+        )
+        return [codec.item_from_dict(json.loads(r["data"])) for r in [*running, *idle]]
 
     def succeeded_fingerprints(self, dest_key: str, fingerprints: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -245,21 +277,24 @@ class SqliteStateStore:
         with self._db.tx() as db:
             for chunk in chunks:
                 db.execute(
-                    "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)",
-                    (chunk.batch_id, chunk.chunk_no, int(chunk.results is not None),
+                    "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                    (chunk.batch_id, chunk.listing, chunk.chunk_no, int(chunk.results is not None),
                      _dumps(codec.chunk_to_dict(chunk))),
                 )  # fmt: skip
 
-    def get_chunk(self, batch_id: str, chunk_no: int) -> ExpansionChunk:
-        rows = self._db.read("SELECT data FROM chunks WHERE batch_id = ? AND chunk_no = ?", (batch_id, chunk_no))
+    def get_chunk(self, batch_id: str, listing: str, chunk_no: int) -> ExpansionChunk:
+        rows = self._db.read(
+            "SELECT data FROM chunks WHERE batch_id = ? AND listing = ? AND chunk_no = ?", (batch_id, listing, chunk_no)
+        )
         if not rows:
             raise NotFound(f"no expansion chunk {chunk_no} for batch {batch_id!r}")
         return codec.chunk_from_dict(json.loads(rows[0]["data"]))
 
-    def put_chunk_results(self, batch_id: str, chunk_no: int, results: Sequence[ScanResult]) -> None:
+    def put_chunk_results(self, batch_id: str, listing: str, chunk_no: int, results: Sequence[ScanResult]) -> None:
         with self._db.tx() as db:
             row = db.execute(
-                "SELECT data FROM chunks WHERE batch_id = ? AND chunk_no = ?", (batch_id, chunk_no)
+                "SELECT data FROM chunks WHERE batch_id = ? AND listing = ? AND chunk_no = ?",
+                (batch_id, listing, chunk_no),
             ).fetchone()
             if row is None:
                 raise NotFound(f"no expansion chunk {chunk_no} for batch {batch_id!r}")
@@ -267,21 +302,28 @@ class SqliteStateStore:
             data["results"] = [codec.scan_to_dict(r) for r in results]
             data["scanned"] = True
             db.execute(
-                "UPDATE chunks SET scanned = 1, data = ? WHERE batch_id = ? AND chunk_no = ?",
-                (_dumps(data), batch_id, chunk_no),
+                "UPDATE chunks SET scanned = 1, data = ? WHERE batch_id = ? AND listing = ? AND chunk_no = ?",
+                (_dumps(data), batch_id, listing, chunk_no),
             )
 
-    def list_chunks(self, batch_id: str) -> list[ExpansionChunk]:
-        rows = self._db.read("SELECT data FROM chunks WHERE batch_id = ? ORDER BY chunk_no", (batch_id,))
+    def list_chunks(self, batch_id: str, listing: str) -> list[ExpansionChunk]:
+        rows = self._db.read(
+            "SELECT data FROM chunks WHERE batch_id = ? AND listing = ? ORDER BY chunk_no", (batch_id, listing)
+        )
         return [codec.chunk_from_dict(json.loads(r["data"])) for r in rows]
 
-    def count_unscanned_chunks(self, batch_id: str) -> int:
-        rows = self._db.read("SELECT COUNT(*) AS n FROM chunks WHERE batch_id = ? AND scanned = 0", (batch_id,))
+    def count_unscanned_chunks(self, batch_id: str, listing: str) -> int:
+        rows = self._db.read(
+            "SELECT COUNT(*) AS n FROM chunks WHERE batch_id = ? AND listing = ? AND scanned = 0", (batch_id, listing)
+        )
         return int(rows[0]["n"])
 
-    def delete_chunks(self, batch_id: str) -> None:
+    def delete_chunks(self, batch_id: str, keep: str | None = None) -> None:
         with self._db.tx() as db:
-            db.execute("DELETE FROM chunks WHERE batch_id = ?", (batch_id,))
+            db.execute(
+                "DELETE FROM chunks WHERE batch_id = ? AND listing != ?",
+                (batch_id, "" if keep is None else keep),
+            )
 
     # --- Drive watch channels ----------------------------------------------------------------------------
 
