@@ -72,7 +72,17 @@ class Sink(Protocol):
     ) -> tuple[OutputFile, ...]:
         """Write `files` under `location/rel_dir`, idempotently: publishing the same outputs again (a
         re-delivered task) leaves exactly one copy of each. `owner_key` identifies the series; a file
-        of the same name that dicomflow did not write for that key is never replaced."""
+        of the same name that dicomflow did not write for that key is never replaced. `progress` may
+        raise to stop between files."""
+
+    def intended(self, rel_dir: str, files: Sequence[Path]) -> tuple[OutputFile, ...]:
+        """What `publish` would record for these files (names as it names them, sizes, SHA-256), without
+        writing anything: the intent an attempt records before it publishes."""
+
+    def retract(self, location: Location, outputs: Sequence[OutputFile], owner_key: str) -> int:
+        """Remove those of `outputs` that dicomflow wrote for `owner_key` and that still hold exactly the
+        recorded bytes (never a file changed since, never a file of another series). Missing files are
+        fine. Returns how many were removed."""
 
 
 class HeaderScanner(Protocol):
@@ -318,6 +328,13 @@ class StateStore(Protocol):
 
     def succeeded_fingerprints(self, dest_key: str, fingerprints: Sequence[str]) -> set[str]:
         """Which of these fingerprints already converted successfully into this destination."""
+
+    def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
+        """(name, sha256) of every output that a succeeded item of this series (any batch) records in this
+        destination: files no retraction may remove."""
+
+    def find_unretracted(self, limit: int = 500) -> list[Item]:
+        """Final items without a success whose publish intent was not retracted yet."""
 
     # expansion scratch space
     def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None:

@@ -170,6 +170,21 @@ class MemoryStateStore:
                 if i.dest_key == dest_key and i.state is ItemState.SUCCEEDED and i.fingerprint in wanted
             }
 
+    def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
+        with self._lock:
+            return {
+                (o.name, o.sha256)
+                for table in self._items.values()
+                for i in table.values()
+                if i.dest_key == dest_key and i.item_id == item_id and i.state is ItemState.SUCCEEDED
+                for o in i.outputs
+            }
+
+    def find_unretracted(self, limit: int = 500) -> list[Item]:
+        with self._lock:
+            found = [i for table in self._items.values() for i in table.values() if i.needs_retraction]
+        return sorted(found, key=lambda i: i.updated_at)[:limit]
+
     # --- expansion scratch ---------------------------------------------------------------------------
 
     def _check_size(self, chunk: ExpansionChunk) -> None:

@@ -197,20 +197,40 @@ def test_terminal_items_ignore_every_late_event(state: ItemState) -> None:
     assert model.renew(item, 0.0, 60, "w", 0) is None
 
 
-def test_a_result_is_never_overwritten_but_may_replace_a_failure_of_its_generation() -> None:
+def test_a_result_is_recorded_from_any_attempt_of_its_generation_until_the_series_is_final() -> None:
     outputs = (model.OutputFile("a.nii.gz", 1, "0" * 64),)
-    for state in (ItemState.SUCCEEDED, ItemState.SKIPPED):
-        assert model.succeed(_item(state, skip_reason="a report"), 0.0, outputs, model.Timings(), ()) is None
-        assert model.skip(_item(state, skip_reason="a report"), 0.0, "nothing") is None
-    # A stale attempt of the same generation finished after the series was dead-lettered (or cancelled):
+    # A stale attempt (its lease was taken over, or it handed off after a later attempt's failure) finished:
     # its outputs are in the destination, so its success is recorded rather than left unaccounted for.
-    for late in (_item(ItemState.DEAD_LETTERED), _item(ItemState.SKIPPED, skip_reason=model.CANCELLED)):
-        done = model.succeed(late, 5.0, outputs, model.Timings(), (), generation=0)
+    for open_state in (ItemState.RUNNING, ItemState.RETRYING, ItemState.PENDING):
+        done = model.succeed(_item(open_state, handed_off=open_state is ItemState.RUNNING), 5.0, outputs,
+                             model.Timings(), (), generation=0)  # fmt: skip
         assert done is not None and done.state is ItemState.SUCCEEDED and done.outputs == outputs
-    # ...but never from an older generation: the series was redriven since.
+        assert not done.handed_off and done.publishing == ()
+    # Once final the series is closed (its finalizer may already be retracting what was published)...
+    for final in sorted(model.TERMINAL):
+        assert model.succeed(_item(final), 5.0, outputs, model.Timings(), (), generation=0) is None
+        assert model.skip(_item(final), 5.0, "nothing", generation=0) is None
+    # ...and a result of an older generation is never recorded: the series was redriven since.
     assert (
         model.succeed(_item(ItemState.RUNNING, generation=2), 5.0, outputs, model.Timings(), (), generation=1) is None
     )
+
+
+def test_an_unsuccessful_end_keeps_the_publish_intent_until_it_is_retracted() -> None:
+    intent = (model.OutputFile("s/1_T1w.nii.gz", 10, "1" * 64),)
+    running = model.claim(_item(), now=0.0, lease_seconds=60, owner="w1")
+    assert running is not None
+    announced = model.renew(running, 1.0, 60, "w1", 0, publishing=intent)
+    assert announced is not None and announced.publishing == intent
+    assert not announced.needs_retraction  # still running: a success may yet record it
+    handed = model.hand_off(announced, 2.0, Failure("x", "y", True), "w1", 0, grace_seconds=5)
+    dead = model.dead_letter(handed, 3.0, Failure("x", "y", True), 0) if handed else None
+    assert dead is not None and dead.needs_retraction and dead.publishing == intent
+    cleared = model.retracted(dead, 4.0)
+    assert cleared is not None and not cleared.needs_retraction and cleared.state is ItemState.DEAD_LETTERED
+    assert model.retracted(cleared, 5.0) is None
+    cancelled = model.cancel_item(replace(announced, state=ItemState.RETRYING), 6.0)
+    assert cancelled is not None and cancelled.needs_retraction
 
 
 def test_only_the_lease_holder_of_the_generation_may_fail_the_series() -> None:

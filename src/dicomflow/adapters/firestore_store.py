@@ -432,6 +432,25 @@ class FirestoreStateStore:
         with ThreadPoolExecutor(max_workers=8) as pool:
             return set().union(*pool.map(lookup, parts)) if parts else set()
 
+    def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
+        query = (
+            self._db.collection_group("items")
+            .where(filter=FieldFilter("dest_key", "==", dest_key))
+            .where(filter=FieldFilter("item_id", "==", item_id))
+            .where(filter=FieldFilter("state", "==", ItemState.SUCCEEDED.value))
+        )
+        return {
+            (str(o["name"]), str(o["sha256"]))
+            for s in self._stream(query)
+            for o in (s.to_dict() or {}).get("outputs", [])
+        }
+
+    def find_unretracted(self, limit: int = 500) -> list[Item]:
+        query = (
+            self._db.collection_group("items").where(filter=FieldFilter("needs_retraction", "==", True)).limit(limit)
+        )
+        return [self._item_from(s.to_dict() or {}, s.reference) for s in self._stream(query)]
+
     # --- expansion scratch ---------------------------------------------------------------------------
 
     def _chunk_ref(self, batch_id: str, listing: str, chunk_no: int) -> Any:

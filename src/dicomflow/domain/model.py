@@ -206,10 +206,19 @@ class Item:
     failure: Failure | None = None
     skip_reason: str = ""
     expires_at: float | None = None
+    # Written before an attempt publishes: the outputs it is about to put in the destination. A success
+    # moves them to `outputs`; a series that ends without success keeps them here until they are retracted
+    # (the publish may have landed while the record of it was lost).
+    publishing: tuple[OutputFile, ...] = ()
 
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def needs_retraction(self) -> bool:
+        """Final without a success, but an attempt may have published outputs that nothing records."""
+        return self.state in (ItemState.DEAD_LETTERED, ItemState.SKIPPED) and bool(self.publishing)
 
     @property
     def task_id(self) -> str:
@@ -299,22 +308,29 @@ def holds_lease(item: Item, owner: str, generation: int) -> bool:
     )
 
 
-def renew(item: Item, now: float, lease_seconds: float, owner: str, generation: int) -> Item | None:
+def renew(
+    item: Item,
+    now: float,
+    lease_seconds: float,
+    owner: str,
+    generation: int,
+    *,
+    publishing: tuple[OutputFile, ...] | None = None,
+) -> Item | None:
     """Heartbeat: the lease holder extends its lease. None means the attempt was fenced out (its lease
-    expired and someone else took the series, or it finished): the attempt must stop."""
+    expired and someone else took the series, or it finished): the attempt must stop. With `publishing`,
+    the holder also records the outputs it is about to publish (the last renewal before it does)."""
     if not holds_lease(item, owner, generation):
         return None
-    return replace(item, lease_until=now + lease_seconds, updated_at=now)
+    intent = item.publishing if publishing is None else publishing
+    return replace(item, lease_until=now + lease_seconds, publishing=intent, updated_at=now)
 
 
 def _accepts_result(item: Item, generation: int) -> bool:
-    """A conversion result of this generation is recorded unless the series already has one. A cancelled
-    series whose conversion finished anyway gets its result too: its outputs exist."""
-    if item.generation != generation:
-        return False
-    if item.state is ItemState.SUCCEEDED:
-        return False
-    return not (item.state is ItemState.SKIPPED and item.skip_reason != CANCELLED)
+    """A conversion result of this generation is recorded from any of its attempts (even one whose lease
+    was taken over) while the series has no final state: its outputs exist. Once final, the series is
+    closed: a result arriving later would be a record of outputs the finalizer may already retract."""
+    return item.generation == generation and not item.is_terminal
 
 
 def succeed(
@@ -332,6 +348,7 @@ def succeed(
         item,
         state=ItemState.SUCCEEDED,
         outputs=outputs,
+        publishing=(),
         timings=timings,
         warnings=warnings,
         failure=None,
@@ -504,6 +521,13 @@ def abandon(
     if not _lease_expired(item, now if expired_before is None else expired_before):
         return None
     return _dead(item, now, item.failure if item.handed_off and item.failure else failure)
+
+
+def retracted(item: Item, now: float) -> Item | None:
+    """The outputs an unsuccessful series may have left were removed from the destination."""
+    if not item.needs_retraction:
+        return None
+    return replace(item, publishing=(), updated_at=now)
 
 
 def give_up(item: Item, now: float, failure: Failure, seen: Item) -> Item | None:

@@ -7,6 +7,7 @@ from dicomflow.domain.failures import Conflict
 from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.events import Event
 from dicomflow.services.context import Context, event
+from dicomflow.services.outputs import finalize
 from dicomflow.services.task_names import cancel_task
 
 _WAITING = frozenset({ItemState.PENDING, ItemState.RETRYING})
@@ -34,7 +35,7 @@ def sweep_cancelled(ctx: Context, batch_id: str) -> int:
     skipped = 0
     while page := ctx.store.list_items(batch_id, _WAITING, limit=200):
         for item in page:
-            _, did = ctx.update_item(batch_id, item.item_id, lambda i: model.cancel_item(i, ctx.clock()))
+            _, did = finalize(ctx, batch_id, item.item_id, lambda i: model.cancel_item(i, ctx.clock()))
             skipped += int(did)
         if len(page) < 200:
             break

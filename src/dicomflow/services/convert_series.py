@@ -35,6 +35,7 @@ from dicomflow.domain.retry import Verdict, decide
 from dicomflow.events import Event
 from dicomflow.ports import Attempt, HeartbeatHandle, QueueName, Task
 from dicomflow.services.context import Context, event
+from dicomflow.services.outputs import finalize
 from dicomflow.services.progress import maybe_complete
 
 # A series needs its DICOM files and dcm2niix's output on disk at once; on Cloud Run the disk is RAM
@@ -128,9 +129,20 @@ class _Lease:
         )
         return renewed
 
-    def confirm(self, beating: HeartbeatHandle) -> None:
-        """Raise FencedOut unless this attempt still holds the series, checked against the store now."""
-        if not beating.alive or not self.renew():
+    def confirm(self, beating: HeartbeatHandle, publishing: tuple[OutputFile, ...] | None = None) -> None:
+        """Raise FencedOut unless this attempt still holds the series, checked against the store now; with
+        `publishing`, record in the same write what the attempt is about to publish."""
+        ctx, item = self._ctx, self._item
+        if not beating.alive:
+            raise FencedOut
+        _, held = ctx.store.update_item(
+            item.batch_id,
+            item.item_id,
+            lambda i: model.renew(
+                i, ctx.clock(), ctx.settings.lease_seconds, self._owner, self._generation, publishing=publishing
+            ),
+        )
+        if not held:
             raise FencedOut
 
 
@@ -157,7 +169,7 @@ class _Budget:
 def convert_series(ctx: Context, payload: ConvertPayload, attempt: Attempt) -> ConvertResult:
     batch = ctx.store.get_batch(payload.batch_id, counted=False)  # only its status and request
     if batch.status is BatchStatus.CANCELLED:
-        item, changed = ctx.update_item(payload.batch_id, payload.item_id, lambda i: model.cancel_item(i, ctx.clock()))
+        item, changed = finalize(ctx, payload.batch_id, payload.item_id, lambda i: model.cancel_item(i, ctx.clock()))
         if changed:
             maybe_complete(ctx, batch.batch_id)
         return ConvertResult(Outcome.SKIPPED if changed else Outcome.DUPLICATE, item)
@@ -240,6 +252,7 @@ def _convert_claimed(
             ctx.settings.convert_timeout_seconds if left is None else min(left, ctx.settings.convert_timeout_seconds)
         )
         ctx.progress(item.batch_id, item.item_id, "convert", 0, 1)
+        lease.confirm(beating)  # a stalled attempt that lost the series does not convert it again
         run = ctx.converter.convert(input_dir, work / "out", item.output_stem, batch.options, timeout_seconds=timeout)
         converted = ctx.clock()
         classified = classify(run.exit_code, len(run.outputs), run.console)
@@ -250,14 +263,16 @@ def _convert_claimed(
         # memory). Only our own scratch folder is removed, never a source folder used in place.
         shutil.rmtree(work / "in", ignore_errors=True)
         budget.remaining("uploading")
-        lease.confirm(beating)  # nothing is published by an attempt that lost the series
-        outputs = ctx.sink_for(batch.destination).publish(
-            batch.destination,
-            item.rel_dir,
-            run.outputs,
-            owner_key=item.item_id,
-            progress=lambda d, t: ctx.progress(item.batch_id, item.item_id, "upload", d, t),
-        )
+        sink = ctx.sink_for(batch.destination)
+        # Nothing is published by an attempt that lost the series; what is published is recorded first.
+        lease.confirm(beating, publishing=sink.intended(item.rel_dir, run.outputs))
+
+        def uploading(done: int, total: int) -> None:
+            if not beating.alive:
+                raise FencedOut  # stop between files: the series belongs to another attempt now
+            ctx.progress(item.batch_id, item.item_id, "upload", done, total)
+
+        outputs = sink.publish(batch.destination, item.rel_dir, run.outputs, owner_key=item.item_id, progress=uploading)
         uploaded = ctx.clock()
     timings = Timings(downloaded - started, converted - downloaded, uploaded - converted)
     return _finish(ctx, item, outputs=outputs, timings=timings, warnings=warnings)

@@ -12,6 +12,7 @@ from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.domain.series import FileRef
 from dicomflow.events import Event
 from dicomflow.services.context import Context, event
+from dicomflow.services.outputs import finalize
 from dicomflow.services.progress import maybe_complete, settle_batch
 from dicomflow.services.task_names import convert_task_for, redrive_task
 
@@ -53,7 +54,7 @@ class DeadLetterPayload:
 def record_dead_letter(ctx: Context, batch_id: str, item_id: str, failure: Failure, generation: int) -> bool:
     """Move a handed-off item of this generation to dead_lettered once; a duplicate delivery, or a late
     message of an older generation (the series was redriven since), changes and counts nothing."""
-    item, changed = ctx.update_item(batch_id, item_id, lambda i: model.dead_letter(i, ctx.clock(), failure, generation))
+    item, changed = finalize(ctx, batch_id, item_id, lambda i: model.dead_letter(i, ctx.clock(), failure, generation))
     if changed:
         announce_dead_letter(ctx, item)
     return changed

@@ -35,6 +35,7 @@ from dicomflow.domain.series import DicomHeader, FileRef, Ignored, fingerprint, 
 from dicomflow.events import Event
 from dicomflow.ports import Attempt, ExpansionChunk, SkippedFile
 from dicomflow.services.context import Context, event
+from dicomflow.services.outputs import finalize
 from dicomflow.services.progress import maybe_complete
 from dicomflow.services.task_names import convert_task, group_task, scan_task
 
@@ -112,7 +113,7 @@ def fail_expansion(ctx: Context, batch: Batch, exc: DicomflowError) -> None:
     reason = f"the batch failed before this series was converted: {exc.reason}"
     while page := ctx.store.list_items(batch.batch_id, frozenset({ItemState.PENDING, ItemState.RETRYING})):
         for item in page:
-            ctx.update_item(batch.batch_id, item.item_id, lambda i: model.cancel_item(i, ctx.clock(), reason))
+            finalize(ctx, batch.batch_id, item.item_id, lambda i: model.cancel_item(i, ctx.clock(), reason))
         if len(page) < 100:
             break
     ctx.store.delete_chunks(failed.batch_id)

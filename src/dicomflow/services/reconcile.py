@@ -35,6 +35,7 @@ from dicomflow.ports import QueueName
 from dicomflow.services.context import Context, event
 from dicomflow.services.dead_letter import announce_dead_letter
 from dicomflow.services.expand import fail_expansion
+from dicomflow.services.outputs import finalize, retract
 from dicomflow.services.progress import settle_batch
 from dicomflow.services.task_names import convert_task, expand_task
 
@@ -109,7 +110,8 @@ class _Run:
         ctx = self.ctx
         if seen.handed_off or self.exhausted(seen):
             failure = _interrupted().to_failure()
-            stored, changed = ctx.update_item(
+            stored, changed = finalize(
+                ctx,
                 seen.batch_id,
                 seen.item_id,
                 lambda i: model.abandon(i, self.now, failure, seen, expired_before=self.lease_horizon),
@@ -129,7 +131,7 @@ class _Run:
     def idle(self, seen: Item) -> None:
         ctx = self.ctx
         if self.batch(seen.batch_id).status is BatchStatus.CANCELLED:
-            _, changed = ctx.update_item(seen.batch_id, seen.item_id, lambda i: model.cancel_stale(i, self.now, seen))
+            _, changed = finalize(ctx, seen.batch_id, seen.item_id, lambda i: model.cancel_stale(i, self.now, seen))
             self.counts["cancelled"] += int(changed)
             return
         if ctx.queue.exists(QueueName.CONVERT, seen.task_id):
@@ -142,8 +144,8 @@ class _Run:
             # Not reachable through the worker (a retrying series has attempts left), but a policy
             # lowered between deployments can leave one: dead-letter it rather than loop.
             failure = seen.failure or _task_lost().to_failure()
-            stored, changed = ctx.update_item(
-                seen.batch_id, seen.item_id, lambda i: model.give_up(i, self.now, failure, seen)
+            stored, changed = finalize(
+                ctx, seen.batch_id, seen.item_id, lambda i: model.give_up(i, self.now, failure, seen)
             )
             if changed:
                 self.dead(stored, "series dead-lettered by the reconciler: its attempts are used up")
@@ -178,6 +180,8 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
     idle_before = run.now - convert_task_lost_after(ctx.settings)
     for item in ctx.store.find_stale(run.lease_horizon, idle_before):
         run.stale(item)
+    for item in ctx.store.find_unretracted():
+        retract(ctx, item)  # a finalizer that could not remove what an unrecorded publish left
 
     restarted = settled = 0
     stalled_after = expansion_stalled_after(ctx.settings)

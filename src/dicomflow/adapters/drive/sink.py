@@ -20,6 +20,7 @@ import mimetypes
 import random
 import threading
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,14 @@ def _mime(name: str) -> str:
     if name.endswith((".bval", ".bvec")):
         return "text/plain"
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def _get(service: Any, *, file_id: str, fields: str) -> Any:
+    return service.files.get(fileId=file_id, fields=fields, **_ALL)
+
+
+def _trash(service: Any, *, file_id: str) -> Any:
+    return service.files.update(fileId=file_id, body={"trashed": True}, fields="id", **_ALL)
 
 
 class DriveSink:
@@ -180,6 +189,38 @@ class DriveSink:
             if progress:
                 progress(done, total)
         return tuple(outputs)
+
+    def intended(self, rel_dir: str, files: Sequence[Path]) -> tuple[OutputFile, ...]:
+        names = [decode_component(c) for c in split(rel_dir)]
+        return tuple(OutputFile("/".join([*names, f.name]), f.stat().st_size, sha256_file(f)) for f in files)
+
+    def retract(self, location: Location, outputs: Sequence[OutputFile], owner_key: str) -> int:
+        """Trash the files dicomflow published for `owner_key` under these names that still hold the recorded
+        bytes (Drive keeps a SHA-256 of every binary file). Folders are looked up, never created."""
+        removed = 0
+        for output in outputs:
+            *folders, name = output.name.split("/")
+            parent = self._existing_folder(location.ref, folders)
+            if parent is None:
+                continue
+            for entry in self._tagged(parent, owner_key, name):
+                file_id = str(entry["id"])
+                meta = self._drive.execute(
+                    partial(_get, file_id=file_id, fields="id,sha256Checksum"), what=f"output {name!r}", writing=True
+                )
+                if meta.get("sha256Checksum") == output.sha256:
+                    self._drive.execute(partial(_trash, file_id=file_id), what=f"output {name!r}", writing=True)
+                    removed += 1
+        return removed
+
+    def _existing_folder(self, root: str, names: Sequence[str]) -> str | None:
+        folder = root
+        for name in names:
+            found = self._folders_named(folder, name)
+            if not found:
+                return None
+            folder = str(min(found, key=_order)["id"])
+        return folder
 
     def _tagged(self, folder: str, owner_key: str, name: str) -> list[dict[str, Any]]:
         query = (

@@ -207,7 +207,6 @@ class LocalFolderSink:
         root = _require_local(location)
         parts = safe_local_parts(rel_dir)
         target_dir = root.joinpath(*parts)
-        rel_prefix = "/".join(parts)
         try:
             target_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -217,7 +216,7 @@ class LocalFolderSink:
         total = sum(f.stat().st_size for f in files)
         done = 0
         for source in files:
-            name = f"{rel_prefix}/{source.name}" if rel_prefix else source.name
+            name = self._name(rel_dir, source)
             target = target_dir / source.name
             digest = sha256_file(source)
             size = source.stat().st_size
@@ -239,6 +238,37 @@ class LocalFolderSink:
             if progress:
                 progress(done, total)
         return tuple(results)
+
+    @staticmethod
+    def _name(rel_dir: str, file: Path) -> str:
+        return "/".join([*safe_local_parts(rel_dir), file.name])
+
+    def intended(self, rel_dir: str, files: Sequence[Path]) -> tuple[OutputFile, ...]:
+        return tuple(OutputFile(self._name(rel_dir, f), f.stat().st_size, sha256_file(f)) for f in files)
+
+    def retract(self, location: Location, outputs: Sequence[OutputFile], owner_key: str) -> int:
+        root = _require_local(location)
+        owned: set[str] | None = None
+        removed = 0
+        for output in outputs:
+            target = root.joinpath(*safe_local_parts(output.name))
+            try:
+                if not target.is_file() or sha256_file(target) != output.sha256:
+                    continue  # gone already, or changed since: not ours to remove
+            except OSError:
+                continue
+            if owned is None:
+                owned = self._owned_names(root, owner_key)
+            if output.name not in owned:
+                continue  # a file dicomflow did not write for this series is never touched
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._write_error(exc, target.parent) from None
+            removed += 1
+        return removed
 
     @staticmethod
     def _write_error(exc: OSError, where: Path) -> Exception:

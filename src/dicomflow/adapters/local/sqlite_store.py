@@ -271,6 +271,20 @@ class SqliteStateStore:
             found.update(r["fingerprint"] for r in rows)
         return found
 
+    def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
+        rows = self._db.read(
+            "SELECT data FROM items WHERE dest_key = ? AND item_id = ? AND state = 'succeeded'", (dest_key, item_id)
+        )
+        return {(o.name, o.sha256) for r in rows for o in codec.item_from_dict(json.loads(r["data"])).outputs}
+
+    def find_unretracted(self, limit: int = 500) -> list[Item]:
+        rows = self._db.read(
+            "SELECT data FROM items WHERE state IN ('dead_lettered', 'skipped') "
+            "AND json_extract(data, '$.needs_retraction') ORDER BY updated_at LIMIT ?",
+            (limit,),
+        )
+        return [codec.item_from_dict(json.loads(r["data"])) for r in rows]
+
     # --- expansion scratch ---------------------------------------------------------------------------
 
     def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None:
