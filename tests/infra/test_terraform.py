@@ -1,7 +1,7 @@
 """Offline checks of infra/ (no `terraform init` here: no provider downloads).
 
 What they prove: every file parses; every resource matches the Google provider's real schema
-(shared/terraform/google_provider_schema.json); every reference resolves; variables and outputs are
+(tests/infra/data/, vendored); every reference resolves; variables and outputs are
 documented; the retry settings of the convert queue and of the worker come from one variable and equal
 the code's defaults (DESIGN.md invariant 5); every DICOMFLOW_* variable is a real setting; every
 log-metric event is one the code really logs; checkov and `terraform fmt` are clean.
@@ -98,7 +98,7 @@ def module() -> TfModule:
 def schema() -> ProviderSchema:
     path = tfcheck.schema_path()
     if not path.is_file():
-        pytest.fail(f"provider schema not found at {path} (set {tfcheck.SCHEMA_ENV} to its path)")
+        pytest.fail(f"provider schema not found at {path} (tests/infra/data/README.md says how to make it)")
     return ProviderSchema.load(path)
 
 
