@@ -47,7 +47,7 @@ def subset(full: dict[str, Any], resources: set[str], data_sources: set[str]) ->
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:  # noqa: PLR2004
+    if len(argv) != 2:
         sys.stderr.write(__doc__ or "")
         return 2
     full = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     google = {t for t in resources if t.startswith("google_")}
     vendored = subset(full, google, {t for t in data_sources if t.startswith("google_")})
     VENDORED_SCHEMA.write_text(json.dumps(vendored, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    missing = sorted((google - set(vendored["resources"])))
+    missing = sorted(google - set(vendored["resources"]))
     sys.stdout.write(
         f"wrote {VENDORED_SCHEMA.relative_to(INFRA_DIR.parent)}: {len(vendored['resources'])} resource and "
         f"{len(vendored['data_sources'])} data-source types of provider {vendored.get('provider_version')}\n"
