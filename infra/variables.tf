@@ -211,13 +211,13 @@ variable "control_max_concurrent_dispatches" {
 }
 
 variable "tasks_logging_sampling_ratio" {
-  description = "Fraction of task attempts Cloud Tasks writes to Cloud Logging (stackdriver_logging_config), on every queue. 1.0 logs every attempt."
+  description = "Fraction of task attempts Cloud Tasks writes to Cloud Logging (stackdriver_logging_config), on every queue. The task-attempt metric, its alerts (stalled conversion diagnosis, rejected attempts, failing convert attempts) and the dashboard's attempts chart are built on these logs: 1.0 logs every attempt; lower values scale the counts down and can hide a rare rejection."
   type        = number
   default     = 1.0
 
   validation {
-    condition     = var.tasks_logging_sampling_ratio >= 0 && var.tasks_logging_sampling_ratio <= 1
-    error_message = "tasks_logging_sampling_ratio must be between 0 and 1."
+    condition     = var.tasks_logging_sampling_ratio > 0 && var.tasks_logging_sampling_ratio <= 1
+    error_message = "tasks_logging_sampling_ratio must be in (0, 1]: with 0 Cloud Tasks logs no attempt and the attempt alerts go silent."
   }
 }
 
