@@ -219,9 +219,15 @@ locals {
     { DICOMFLOW_DRIVE_IDENTITY = local.drive_identity },
   )
 
+  # gunicorn's request timeout (container/Dockerfile): 30 s past Cloud Run's request timeout (worker.tf,
+  # = the convert dispatch deadline), so gunicorn never cuts a request Cloud Run still waits for, and
+  # frees the instance soon after one Cloud Run gave up on (GCP_FACTS gotcha 25).
+  gunicorn_timeout_seconds = var.dispatch_deadline_seconds + 30
+
   worker_env = merge(local.shared_env, local.drive_credentials_env, {
     DICOMFLOW_WORKER_URL       = local.worker_self_url
     DICOMFLOW_MEMORY_BUDGET_MB = tostring(var.worker_memory_mib)
+    GUNICORN_CMD_ARGS          = "--timeout=${local.gunicorn_timeout_seconds}"
   })
 
   function_env = {
