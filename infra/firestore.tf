@@ -1,5 +1,5 @@
-# Firestore (native mode): batches/{batch_id}, batches/{id}/items/{item_id}, batches/{id}/chunks/{n},
-# idempotency_keys/{hash}, channels/{channel_id}, pending_folders/{folder_id}.
+# Firestore (native mode): batches/{batch_id}, batches/{id}/items/{item_id} (+ .../files/{n}),
+# batches/{id}/chunks/{n}, idempotency_keys/{hash}, channels/{channel_id}, pending_folders/{folder_id}.
 
 resource "google_firestore_database" "this" {
   project     = var.project_id
@@ -32,12 +32,13 @@ locals {
       collection = "items", scope = "COLLECTION_GROUP"
       fields     = [["dest_key", "ASCENDING"], ["state", "ASCENDING"], ["fingerprint", "ASCENDING"]]
     }
-    # Reconciler: items `running` whose lease expired.
+    # Reconciler: items `running` whose lease expired (state ==, lease_until <).
     items_state_lease = {
       collection = "items", scope = "COLLECTION_GROUP"
       fields     = [["state", "ASCENDING"], ["lease_until", "ASCENDING"]]
     }
-    # Reconciler: items `retrying` for much longer than the longest backoff (lost task).
+    # Reconciler: items `pending` or `retrying` untouched for longer than a task could take (a lost or
+    # dropped task, GCP_FACTS gotcha 21): (state ==, updated_at <), one query per state, one index.
     items_state_updated = {
       collection = "items", scope = "COLLECTION_GROUP"
       fields     = [["state", "ASCENDING"], ["updated_at", "ASCENDING"]]
@@ -86,6 +87,41 @@ resource "google_firestore_field" "chunks_ttl" {
   project    = var.project_id
   database   = google_firestore_database.this.name
   collection = "chunks"
+  field      = "expires_at"
+
+  ttl_config {}
+}
+
+# Finished batches and their series expire `var.retention_days` after they finish: the code writes
+# `expires_at` on batches/{id} and batches/{id}/items/{id} (DICOMFLOW_RETENTION_DAYS, set in main.tf from
+# the same variable). A document without the field never expires, so running batches are kept.
+# Each collection group may have one TTL field only (https://cloud.google.com/firestore/docs/ttl); `items`
+# and `batches` are their own groups, distinct from `chunks` and `idempotency_keys` above.
+resource "google_firestore_field" "batches_ttl" {
+  project    = var.project_id
+  database   = google_firestore_database.this.name
+  collection = "batches"
+  field      = "expires_at"
+
+  ttl_config {}
+}
+
+resource "google_firestore_field" "items_ttl" {
+  project    = var.project_id
+  database   = google_firestore_database.this.name
+  collection = "items"
+  field      = "expires_at"
+
+  ttl_config {}
+}
+
+# File lists of very large series live under batches/{id}/items/{id}/files/{n}. TTL deletes a document,
+# never its subcollections, so these need their own `expires_at` (written with the item's) or they would
+# outlive their item.
+resource "google_firestore_field" "item_files_ttl" {
+  project    = var.project_id
+  database   = google_firestore_database.this.name
+  collection = "files"
   field      = "expires_at"
 
   ttl_config {}

@@ -69,8 +69,8 @@ locals {
       memory        = "512Mi"
       invoker       = "submitters"
       firestore     = true
-      enqueue       = ["expand", "convert"] # submit -> expand; retry-dead-letters -> convert
-      drive         = true                  # checks that source and destination folders are reachable
+      enqueue       = ["expand"] # submit, retry-dead-letters (redrive) and cancel sweeps are expand-queue tasks
+      drive         = true       # checks that source and destination folders are reachable
       webhook_token = false
     }
     expand = {
@@ -161,28 +161,51 @@ locals {
     DICOMFLOW_RETRY_MAX_DOUBLINGS       = tostring(var.convert_retry.max_doublings)
   }
 
+  # Dispatch deadlines (GCP_FACTS gotcha 23): a task that does not set one gets Cloud Tasks' default of
+  # 10 minutes, so a handler allowed 30 minutes would be re-dispatched while its first attempt still runs.
+  # The code sets a deadline on every task it creates; these are the numbers it uses, one per queue, each
+  # read from the same place as the timeout of the handler that queue calls:
+  #   convert      -> the worker's request timeout (worker.tf: var.dispatch_deadline_seconds)
+  #   expand       -> the expand function's timeout (expansion AND redrive/cancel tasks use this queue)
+  #   dead_letter  -> the dead-letter function's timeout
+  #   changes      -> the changes function's timeout
+  # Every process gets all four (shared_env): whoever enqueues on a queue knows its deadline, and a handler
+  # knows its own budget. tests/infra fails if an env value and its handler's timeout stop sharing a source.
+  queue_handler_timeouts = {
+    convert     = var.dispatch_deadline_seconds
+    expand      = local.functions.expand.timeout
+    dead_letter = local.functions.dead_letter.timeout
+    changes     = local.functions.changes.timeout
+  }
+  dispatch_deadline_env = {
+    DICOMFLOW_DISPATCH_DEADLINE_SECONDS             = tostring(local.queue_handler_timeouts.convert)
+    DICOMFLOW_EXPAND_DISPATCH_DEADLINE_SECONDS      = tostring(local.queue_handler_timeouts.expand)
+    DICOMFLOW_DEAD_LETTER_DISPATCH_DEADLINE_SECONDS = tostring(local.queue_handler_timeouts.dead_letter)
+    DICOMFLOW_CHANGES_DISPATCH_DEADLINE_SECONDS     = tostring(local.queue_handler_timeouts.changes)
+  }
+
   # Environment shared by the worker and every function. Settings validates it at start-up, so the
   # deadline/timeout pair must be the same everywhere.
-  shared_env = merge(local.retry_env, {
-    DICOMFLOW_MODE                      = "cloud"
-    DICOMFLOW_PROJECT                   = var.project_id
-    DICOMFLOW_REGION                    = var.region
-    DICOMFLOW_FIRESTORE_DATABASE        = google_firestore_database.this.name
-    DICOMFLOW_QUEUE_CONVERT             = google_cloud_tasks_queue.convert.name
-    DICOMFLOW_QUEUE_DEAD_LETTER         = google_cloud_tasks_queue.control["dead_letter"].name
-    DICOMFLOW_QUEUE_EXPAND              = google_cloud_tasks_queue.control["expand"].name
-    DICOMFLOW_QUEUE_CHANGES             = google_cloud_tasks_queue.control["changes"].name
-    DICOMFLOW_EXPAND_URL                = local.function_urls.expand
-    DICOMFLOW_DEAD_LETTER_URL           = local.function_urls.dead_letter
-    DICOMFLOW_CHANGES_URL               = local.function_urls.changes
-    DICOMFLOW_PUBLIC_URL                = local.function_urls.batches
-    DICOMFLOW_WEBHOOK_URL               = local.function_urls.webhook
-    DICOMFLOW_TASKS_SERVICE_ACCOUNT     = google_service_account.tasks.email
-    DICOMFLOW_DISPATCH_DEADLINE_SECONDS = tostring(var.dispatch_deadline_seconds)
-    DICOMFLOW_CONVERT_TIMEOUT_SECONDS   = tostring(local.convert_timeout_seconds)
-    DICOMFLOW_SETTLE_SECONDS            = tostring(var.settle_seconds)
-    DICOMFLOW_LOG_FORMAT                = "json"
-    DICOMFLOW_LOG_LEVEL                 = var.log_level
+  shared_env = merge(local.retry_env, local.dispatch_deadline_env, {
+    DICOMFLOW_MODE                    = "cloud"
+    DICOMFLOW_PROJECT                 = var.project_id
+    DICOMFLOW_REGION                  = var.region
+    DICOMFLOW_FIRESTORE_DATABASE      = google_firestore_database.this.name
+    DICOMFLOW_QUEUE_CONVERT           = google_cloud_tasks_queue.convert.name
+    DICOMFLOW_QUEUE_DEAD_LETTER       = google_cloud_tasks_queue.control["dead_letter"].name
+    DICOMFLOW_QUEUE_EXPAND            = google_cloud_tasks_queue.control["expand"].name
+    DICOMFLOW_QUEUE_CHANGES           = google_cloud_tasks_queue.control["changes"].name
+    DICOMFLOW_EXPAND_URL              = local.function_urls.expand
+    DICOMFLOW_DEAD_LETTER_URL         = local.function_urls.dead_letter
+    DICOMFLOW_CHANGES_URL             = local.function_urls.changes
+    DICOMFLOW_PUBLIC_URL              = local.function_urls.batches
+    DICOMFLOW_WEBHOOK_URL             = local.function_urls.webhook
+    DICOMFLOW_TASKS_SERVICE_ACCOUNT   = google_service_account.tasks.email
+    DICOMFLOW_CONVERT_TIMEOUT_SECONDS = tostring(local.convert_timeout_seconds)
+    DICOMFLOW_SETTLE_SECONDS          = tostring(var.settle_seconds)
+    DICOMFLOW_RETENTION_DAYS          = tostring(var.retention_days)
+    DICOMFLOW_LOG_FORMAT              = "json"
+    DICOMFLOW_LOG_LEVEL               = var.log_level
   })
 
   # Who dicomflow is on Drive: one identity for the worker and every function that touches Drive, so users
@@ -196,9 +219,15 @@ locals {
     { DICOMFLOW_DRIVE_IDENTITY = local.drive_identity },
   )
 
+  # gunicorn's request timeout (container/Dockerfile): 30 s past Cloud Run's request timeout (worker.tf,
+  # = the convert dispatch deadline), so gunicorn never cuts a request Cloud Run still waits for, and
+  # frees the instance soon after one Cloud Run gave up on (GCP_FACTS gotcha 25).
+  gunicorn_timeout_seconds = var.dispatch_deadline_seconds + 30
+
   worker_env = merge(local.shared_env, local.drive_credentials_env, {
     DICOMFLOW_WORKER_URL       = local.worker_self_url
     DICOMFLOW_MEMORY_BUDGET_MB = tostring(var.worker_memory_mib)
+    GUNICORN_CMD_ARGS          = "--timeout=${local.gunicorn_timeout_seconds}"
   })
 
   function_env = {

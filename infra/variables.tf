@@ -56,12 +56,12 @@ variable "deletion_protection" {
 # --- worker (Cloud Run) -----------------------------------------------------------------------------------
 
 variable "image" {
-  description = "Worker container image built from container/Dockerfile, by digest (preferred, e.g. REGION-docker.pkg.dev/PROJECT/dicomflow/worker@sha256:...) or by tag."
+  description = "Worker container image built by container/cloudbuild.yaml, BY DIGEST: REGION-docker.pkg.dev/PROJECT/NAME_PREFIX/worker@sha256:<64 hex>. A tag can be moved or re-pushed; a digest names exactly the image that was built and tested, so a revision can always be redeployed or rolled back to the same bits."
   type        = string
 
   validation {
-    condition     = can(regex("@sha256:[0-9a-f]{64}$", var.image)) || can(regex("^[^@\\s]+:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", var.image))
-    error_message = "image must name a digest (...@sha256:<64 hex>) or a tag (...:<tag>); an untagged image would silently mean :latest."
+    condition     = can(regex("^[a-z0-9.-]+(:[0-9]+)?/[^@\\s]+@sha256:[0-9a-f]{64}$", var.image))
+    error_message = "image must be a digest reference (HOST/PATH@sha256:<64 lowercase hex>), e.g. the IMAGE_DIGEST printed by `gcloud builds submit --config container/cloudbuild.yaml`; tags are not accepted."
   }
 }
 
@@ -211,13 +211,13 @@ variable "control_max_concurrent_dispatches" {
 }
 
 variable "tasks_logging_sampling_ratio" {
-  description = "Fraction of task attempts Cloud Tasks writes to Cloud Logging (stackdriver_logging_config), on every queue. 1.0 logs every attempt."
+  description = "Fraction of task attempts Cloud Tasks writes to Cloud Logging (stackdriver_logging_config), on every queue. The task-attempt metric, its alerts (stalled conversion diagnosis, rejected attempts, failing convert attempts) and the dashboard's attempts chart are built on these logs: 1.0 logs every attempt; lower values scale the counts down and can hide a rare rejection."
   type        = number
   default     = 1.0
 
   validation {
-    condition     = var.tasks_logging_sampling_ratio >= 0 && var.tasks_logging_sampling_ratio <= 1
-    error_message = "tasks_logging_sampling_ratio must be between 0 and 1."
+    condition     = var.tasks_logging_sampling_ratio > 0 && var.tasks_logging_sampling_ratio <= 1
+    error_message = "tasks_logging_sampling_ratio must be in (0, 1]: with 0 Cloud Tasks logs no attempt and the attempt alerts go silent."
   }
 }
 
@@ -360,7 +360,7 @@ variable "scheduler_time_zone" {
 # --- alerts -----------------------------------------------------------------------------------------------
 
 variable "alert_email" {
-  description = "E-mail address that receives dicomflow alerts (dead letters, failure rate, queue delay, worker errors, channel renewal failures)."
+  description = "E-mail address that receives dicomflow alerts (dead letters, failure rate, stalls, failing task attempts, function 5xx, scheduler failures, failed batches, channel renewal failures)."
   type        = string
 
   validation {
@@ -391,24 +391,50 @@ variable "failure_rate_min_series" {
   }
 }
 
-variable "queue_delay_alert_minutes" {
-  description = "Alert when convert tasks start this many minutes later than scheduled (99th percentile). A big batch legitimately waits in the queue: raise it above (series per batch x minutes per series / worker_max_instances)."
+variable "stall_alert_minutes" {
+  description = "Alert when convert tasks have been waiting for this many minutes while no series finished (succeeded or dead-lettered): the pipeline is stuck, whatever the batch size. Keep it above the longest conversion you expect (a single series that takes 40 minutes finishes nothing for 40 minutes)."
   type        = number
-  default     = 240
+  default     = 45
 
   validation {
-    condition     = var.queue_delay_alert_minutes >= 5
-    error_message = "queue_delay_alert_minutes must be at least 5."
+    # A condition's duration must be a whole number of minutes (Monitoring API, MetricThreshold.duration).
+    condition     = var.stall_alert_minutes >= 10 && var.stall_alert_minutes <= 1440 && floor(var.stall_alert_minutes) == var.stall_alert_minutes
+    error_message = "stall_alert_minutes must be a whole number between 10 and 1440."
   }
 }
 
-variable "worker_5xx_ratio_threshold" {
-  description = "Alert when more than this fraction of worker requests answered 5xx over 15 minutes. Some 5xx are normal: a transient failure answers 5xx so Cloud Tasks retries."
+variable "convert_attempt_failure_ratio" {
+  description = "Alert when more than this fraction of convert task attempts in 15 minutes did not answer 2xx (Cloud Tasks' own log of each attempt, so attempts Cloud Run refused count too). Some are normal: a transient failure answers 503 so Cloud Tasks retries."
   type        = number
   default     = 0.25
 
   validation {
-    condition     = var.worker_5xx_ratio_threshold > 0 && var.worker_5xx_ratio_threshold <= 1
-    error_message = "worker_5xx_ratio_threshold must be in (0, 1]."
+    condition     = var.convert_attempt_failure_ratio > 0 && var.convert_attempt_failure_ratio <= 1
+    error_message = "convert_attempt_failure_ratio must be in (0, 1]."
+  }
+}
+
+variable "log_metric_propagation_seconds" {
+  description = "Seconds Terraform waits after creating or changing log-based metrics before creating the alert policies that use them. Cloud Monitoring answers 404 for a log-based metric until it has propagated, up to about 10 minutes (hashicorp/terraform-provider-google#11102). The wait happens only when the set of metrics changes."
+  type        = number
+  default     = 600
+
+  validation {
+    condition     = var.log_metric_propagation_seconds >= 0 && var.log_metric_propagation_seconds <= 1800 && floor(var.log_metric_propagation_seconds) == var.log_metric_propagation_seconds
+    error_message = "log_metric_propagation_seconds must be a whole number between 0 and 1800."
+  }
+}
+
+# --- retention --------------------------------------------------------------------------------------------
+
+variable "retention_days" {
+  description = "Batches and their series (Firestore batches/{id} and batches/{id}/items/{id}) are deleted this many days after they finish, by Firestore TTL on `expires_at` (DICOMFLOW_RETENTION_DAYS). Deletion happens typically within 24 hours after that."
+  type        = number
+  default     = 30
+
+  validation {
+    # The same range as dicomflow.config (retention_days).
+    condition     = var.retention_days >= 1 && var.retention_days <= 3650 && floor(var.retention_days) == var.retention_days
+    error_message = "retention_days must be a whole number between 1 and 3650."
   }
 }

@@ -15,15 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dicomflow.config import Settings, env_name
+from tests.infra import constraints
+from tests.infra.tfcheck import INFRA_DIR, TfModule, unquote
+from tests.infra.tfeval import Evaluator
 
 pytestmark = pytest.mark.infra
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "container" / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
-EXPECTED_CMD = ["gunicorn", "--workers=1", "--threads=1", "--timeout=0", "--graceful-timeout=30", "worker:app"]
+CLOUDBUILD = REPO_ROOT / "container" / "cloudbuild.yaml"
+EXPECTED_CMD = ["gunicorn", "--workers=1", "--threads=1", "--graceful-timeout=8", "worker:app"]
+# Cloud Run sends SIGTERM, then SIGKILL 10 s later (https://cloud.google.com/run/docs/container-contract).
+CLOUD_RUN_SIGTERM_GRACE_SECONDS = 10
 COMPILERS = re.compile(r"\b(gcc|g\+\+|clang|build-essential|cmake|gfortran|cc1)\b")
 
 
@@ -180,3 +187,86 @@ def test_build_context_files_exist_and_are_not_ignored(stages: list[list[Instruc
                 assert not ignored, f"COPY {source} is excluded by .dockerignore ({ignored})"
     for needed in (".git", "tests", ".venv", "bench"):
         assert needed in patterns, f".dockerignore should exclude {needed}"
+
+
+# --- gunicorn's timeouts fit Cloud Run's --------------------------------------------------------------------
+
+
+def _gunicorn_flags(final: list[Instruction]) -> dict[str, str]:
+    """gunicorn's effective flags in the image: GUNICORN_CMD_ARGS first, the CMD's own flags over them."""
+    env = " ".join(i.args for i in final if i.keyword == "ENV")
+    flags: dict[str, str] = {}
+    match = re.search(r'GUNICORN_CMD_ARGS="([^"]*)"', env)
+    for arg in (match.group(1).split() if match else []) + json.loads(
+        [i for i in final if i.keyword == "CMD"][-1].args
+    ):
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            flags[key] = value
+    return flags
+
+
+def test_graceful_shutdown_ends_within_cloud_runs_sigterm_grace(final: list[Instruction]) -> None:
+    flags = _gunicorn_flags(final)
+    assert "graceful-timeout" in flags, "gunicorn's default graceful timeout (30 s) outlives Cloud Run's 10 s"
+    assert 0 < int(flags["graceful-timeout"]) < CLOUD_RUN_SIGTERM_GRACE_SECONDS
+
+
+def test_the_request_timeout_outlasts_the_dispatch_deadline(final: list[Instruction]) -> None:
+    """The image's default and Terraform's value: never shorter than Cloud Run's request timeout (= the
+    convert dispatch deadline), set where Terraform can change it (not on the command line)."""
+    flags = _gunicorn_flags(final)
+    cmd = json.loads([i for i in final if i.keyword == "CMD"][-1].args)
+    assert not any(a.startswith("--timeout") for a in cmd), "a --timeout in CMD would override Terraform's value"
+    default_deadline = Settings().dispatch_deadline_seconds
+    assert default_deadline < int(flags["timeout"]) <= default_deadline + 60
+    module = TfModule.load(INFRA_DIR)
+    for deadline in (default_deadline, 600, 15):
+        ev = Evaluator(module, {**constraints.SAMPLE_VARIABLES, "dispatch_deadline_seconds": deadline})
+        env = ev.local("worker_env")
+        timeout = int(re.fullmatch(r"--timeout=(\d+)", env["GUNICORN_CMD_ARGS"]).group(1))  # type: ignore[union-attr]
+        assert deadline < timeout <= deadline + 60, (deadline, timeout)
+        if deadline == default_deadline:
+            assert timeout == int(flags["timeout"]), "the image's default and Terraform's value differ"
+
+
+# --- cloudbuild.yaml ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cloudbuild() -> dict[str, object]:
+    assert CLOUDBUILD.is_file(), "container/cloudbuild.yaml is missing"
+    data = yaml.safe_load(CLOUDBUILD.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_cloud_build_builds_for_linux_amd64_from_the_dockerfile(cloudbuild: dict[str, object]) -> None:
+    steps = cloudbuild["steps"]
+    assert isinstance(steps, list)
+    (build,) = [s for s in steps if s["args"][0] == "build"]
+    assert build["name"] == "gcr.io/cloud-builders/docker"
+    assert "--platform=linux/amd64" in build["args"]
+    assert "--file=container/Dockerfile" in build["args"]
+    assert build["args"][-1] == ".", "the build context must be the repository root (the Dockerfile copies src/)"
+    assert "DOCKER_BUILDKIT=1" in build.get("env", []), "the Dockerfile needs BuildKit (RUN --mount)"
+    (tag,) = [a.split("=", 1)[1] for a in build["args"] if a.startswith("--tag=")]
+    assert tag.startswith("${_REGION}-docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}/")
+    pushes = [s for s in steps if s["args"][0] == "push"]
+    assert [p["args"][1] for p in pushes] == [tag]
+    assert cloudbuild["images"] == [tag]
+    assert "${BUILD_ID}" in tag, "the registry's tags are immutable: each build needs a new tag"
+    assert "IMAGE_DIGEST=" in CLOUDBUILD.read_text(encoding="utf-8")
+
+
+def test_cloud_build_substitutions_are_defined_and_match_terraform(cloudbuild: dict[str, object]) -> None:
+    text = CLOUDBUILD.read_text(encoding="utf-8")
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    used = set(re.findall(r"\$\{(_[A-Z0-9_]+)\}", body)) | set(re.findall(r"(?<!\$)\$(_[A-Z0-9_]+)", body))
+    substitutions = cloudbuild["substitutions"]
+    assert isinstance(substitutions, dict)
+    assert used == set(substitutions), f"used {sorted(used)}, defined {sorted(substitutions)}"
+    assert re.findall(r"(?<!\$)\$\(", body) == [], "escape shell substitutions as $$( in Cloud Build"
+    variables = TfModule.load(INFRA_DIR).variables()
+    assert substitutions["_REGION"] == unquote(variables["region"]["default"])
+    assert substitutions["_REPOSITORY"] == unquote(variables["name_prefix"]["default"])  # registry.tf: repository_id

@@ -1,7 +1,7 @@
 """Offline checks of infra/ (no `terraform init` here: no provider downloads).
 
 What they prove: every file parses; every resource matches the Google provider's real schema
-(shared/terraform/google_provider_schema.json); every reference resolves; variables and outputs are
+(tests/infra/data/, vendored); every reference resolves; variables and outputs are
 documented; the retry settings of the convert queue and of the worker come from one variable and equal
 the code's defaults (DESIGN.md invariant 5); every DICOMFLOW_* variable is a real setting; every
 log-metric event is one the code really logs; checkov and `terraform fmt` are clean.
@@ -83,10 +83,29 @@ def _source_texts() -> dict[Path, str]:
     return {path: path.read_text(encoding="utf-8") for path in sorted(SRC_DIR.rglob("*.py"))}
 
 
+# Log sources other than dicomflow's own lines that a log-based metric may read (resource.type of the
+# entries): Cloud Tasks' attempt logs and Cloud Scheduler's job logs. Their fields are Google's, not ours.
+GOOGLE_LOG_RESOURCES = ("cloud_tasks_queue", "cloud_scheduler_job")
+
+
+def _own_log_metric_texts() -> list[str]:
+    """Filter + extractors of the log-based metrics that count dicomflow's own events."""
+    try:
+        module = TfModule.load(INFRA_DIR)
+    except Exception:  # reported by test_every_tf_file_parses
+        return []
+    texts = []
+    for metric in module.resources("google_logging_metric"):
+        text = json.dumps({k: v for k, v in metric.body.items() if k != "__comments__"})
+        if "jsonPayload.event" in text:
+            texts.append(text)
+    return texts
+
+
 # Collected at import for parametrization (a parse failure here shows up in test_every_tf_file_parses).
 INFRA_TEXT = _infra_text() if INFRA_DIR.is_dir() else ""
 FILTER_EVENTS = sorted(set(_EVENT_FILTER.findall(INFRA_TEXT)))
-EXTRACTED_FIELDS = sorted(set(_EXTRACTED_FIELD.findall(INFRA_TEXT)))
+EXTRACTED_FIELDS = sorted({f for text in _own_log_metric_texts() for f in _EXTRACTED_FIELD.findall(text)})
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +117,7 @@ def module() -> TfModule:
 def schema() -> ProviderSchema:
     path = tfcheck.schema_path()
     if not path.is_file():
-        pytest.fail(f"provider schema not found at {path} (set {tfcheck.SCHEMA_ENV} to its path)")
+        pytest.fail(f"provider schema not found at {path} (tests/infra/data/README.md says how to make it)")
     return ProviderSchema.load(path)
 
 
@@ -563,6 +582,29 @@ def test_filtered_event_is_logged_by_the_code(event: str) -> None:
     usage = re.compile(rf"\bEvent\.{members[event]}\b")
     users = [p for p, text in _source_texts().items() if p.name != "events.py" and usage.search(text)]
     assert users, f"no module under src/dicomflow logs Event.{members[event]} ({event!r}): the metric would stay at 0"
+
+
+def test_every_log_metric_reads_dicomflow_events_or_a_known_google_log(module: TfModule) -> None:
+    metrics = module.resources("google_logging_metric")
+    assert metrics
+    for metric in metrics:
+        log_filter = str(metric.body.get("filter", ""))
+        own = "jsonPayload.event" in log_filter
+        google = [r for r in GOOGLE_LOG_RESOURCES if f'resource.type=\\"{r}\\"' in log_filter]
+        assert own != bool(google), f"{metric.address}: filter on dicomflow events or on one Google log: {log_filter}"
+    assert EXTRACTED_FIELDS, "no metric extracts a field of dicomflow's own events"
+
+
+def test_task_attempt_logs_are_on_for_every_queue(module: TfModule) -> None:
+    """The task-attempt metric exists only if every queue logs its attempts (stackdriver_logging_config),
+    and the sampling ratio variable cannot switch that off."""
+    queues = module.resources("google_cloud_tasks_queue")
+    assert queues
+    for queue in queues:
+        logging_config = tfcheck.single_block(queue.body, "stackdriver_logging_config")
+        assert "var.tasks_logging_sampling_ratio" in str(logging_config.get("sampling_ratio")), queue.address
+    validation = module.variables()["tasks_logging_sampling_ratio"]["validation"][0]
+    assert "> 0" in str(validation["condition"])
 
 
 @pytest.mark.parametrize("field", EXTRACTED_FIELDS)

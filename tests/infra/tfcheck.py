@@ -2,9 +2,10 @@
 
 - parse every `.tf` file with python-hcl2 8.x (nested blocks carry `__is_block__`, labels and string
   values keep their quotes, expressions come back as `"${...}"` strings);
-- check resources and data sources against the Google provider's real schema
-  (shared/terraform/google_provider_schema.json, see its README): types, arguments, nested blocks,
-  required arguments/blocks, read-only attributes, block counts;
+- check resources and data sources against the providers' real schemas (tests/infra/data/, see its
+  README: the part of the Google provider's schema that infra/ uses, plus hand-described resources of
+  other providers): types, arguments, nested blocks, required arguments/blocks, read-only attributes,
+  block counts, and that every provider whose resources are used is declared in required_providers;
 - find every `var.`/`local.`/`data.`/`module.`/`<resource type>.` reference and check it is declared;
 - small helpers the tests use to read variables, locals and resources.
 
@@ -29,9 +30,12 @@ import hcl2
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA_DIR = REPO_ROOT / "infra"
 SCHEMA_ENV = "DICOMFLOW_PROVIDER_SCHEMA"
-DEFAULT_SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "terraform" / "google_provider_schema.json"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# Vendored: the repository needs no file from outside itself (tests/infra/data/README.md).
+VENDORED_SCHEMA = DATA_DIR / "google_provider_schema.json"
+OTHER_PROVIDERS_SCHEMA = DATA_DIR / "other_providers_schema.json"
 
-# Terraform language, not provider schema (shared/terraform/README.md).
+# Terraform language, not provider schema (tests/infra/data/README.md).
 META_ARGUMENTS = frozenset({"count", "for_each", "depends_on", "provider", "lifecycle", "provisioner", "connection"})
 DYNAMIC_KEYS = frozenset({"for_each", "iterator", "labels", "content"})
 # Prefixes that are never references to declared things.
@@ -39,8 +43,9 @@ IGNORED_ROOTS = frozenset({"each", "count", "self", "path", "terraform"})
 
 
 def schema_path() -> Path:
+    """The Google provider schema: the vendored subset, or a full schema named by $DICOMFLOW_PROVIDER_SCHEMA."""
     override = os.environ.get(SCHEMA_ENV)
-    return Path(override) if override else DEFAULT_SCHEMA
+    return Path(override) if override else VENDORED_SCHEMA
 
 
 # --- parsing ------------------------------------------------------------------------------------------------
@@ -196,23 +201,38 @@ def strip_comments(text: str) -> str:
 
 
 class ProviderSchema:
-    def __init__(self, data: dict[str, Any]) -> None:
+    def __init__(self, data: dict[str, Any], others: dict[str, Any] | None = None) -> None:
         self.data = data
         self.version = str(data.get("provider_version", "?"))
-        self.resources: dict[str, Any] = data["resources"]
-        self.data_sources: dict[str, Any] = data["data_sources"]
+        self.resources: dict[str, Any] = dict(data["resources"])
+        self.data_sources: dict[str, Any] = dict(data["data_sources"])
         self.provider_config: dict[str, Any] = data.get("provider_config", {})
-        # Types of other providers the file lists by name only (hashicorp/archive): allowed, not checked.
+        # Types of other providers: listed by name only (allowed, not checked) or described in full
+        # (checked like the Google provider's). Provider local name (e.g. "time") -> source address.
         self.other_resources: set[str] = set()
         self.other_data_sources: set[str] = set()
-        for other in (data.get("other_providers") or {}).values():
-            self.other_resources.update(other.get("resources", []))
-            self.other_data_sources.update(other.get("data_sources", []))
+        self.provider_sources: dict[str, str] = {"google": "hashicorp/google"}
+        for source, other in {**(data.get("other_providers") or {}), **(others or {})}.items():
+            local_name = other.get("local_name") or source.rsplit("/", 1)[-1]
+            self.provider_sources[local_name] = source.removeprefix("registry.terraform.io/")
+            for kind, names, table in (
+                ("resources", self.other_resources, self.resources),
+                ("data_sources", self.other_data_sources, self.data_sources),
+            ):
+                declared = other.get(kind) or []
+                names.update(declared)
+                if isinstance(declared, dict):
+                    table.update(declared)
 
     @classmethod
-    def load(cls, path: Path | None = None) -> ProviderSchema:
+    def load(cls, path: Path | None = None, others: Path | None = OTHER_PROVIDERS_SCHEMA) -> ProviderSchema:
         with (path or schema_path()).open(encoding="utf-8") as fh:
-            return cls(json.load(fh))
+            data = json.load(fh)
+        extra: dict[str, Any] = {}
+        if others is not None and others.is_file():
+            with others.open(encoding="utf-8") as fh:
+                extra = json.load(fh)["providers"]
+        return cls(data, extra)
 
     def node(self, kind: str, type_: str) -> dict[str, Any] | None:
         table = self.resources if kind == "resource" else self.data_sources
@@ -291,6 +311,11 @@ def _check_counts(
         for name in sorted(node.get("required") or [])
         if name not in body
     ]
+    errors.extend(
+        f"{where}: set at least one of {', '.join(group)}"
+        for group in node.get("at_least_one_of") or []
+        if not any(name in body for name in group)
+    )
     for name, block in sorted((node.get("blocks") or {}).items()):
         if block.get("min_items_ge_1") and counts[name] == 0 and name not in dynamic:
             errors.append(f"{where}: required block `{name}` is missing")
@@ -341,6 +366,32 @@ def schema_errors(module: TfModule, schema: ProviderSchema) -> list[str]:
     for name, body in module.providers():
         if name == "google" and schema.provider_config:
             errors.extend(check_body(body, schema.provider_config, f"provider.{name}", top=True))
+    return errors + provider_declaration_errors(module, schema)
+
+
+def required_providers(module: TfModule) -> dict[str, str]:
+    """`terraform { required_providers { name = { source = ... } } }`: local name -> source."""
+    found: dict[str, str] = {}
+    for parsed in module.files.values():
+        for terraform in parsed.get("terraform", []):
+            for entry in terraform.get("required_providers", []):
+                for name, spec in body_items(entry):
+                    if isinstance(spec, dict):
+                        found[name] = unquote(str(spec.get("source", "")))
+    return found
+
+
+def provider_declaration_errors(module: TfModule, schema: ProviderSchema) -> list[str]:
+    """Every provider whose resources are used is pinned in required_providers with its real source:
+    without it `terraform init` would fetch an unpinned provider (or none, for a non-hashicorp one)."""
+    declared = required_providers(module)
+    errors = []
+    for local_name in sorted({b.type.split("_", 1)[0] for b in module.blocks("resource") + module.blocks("data")}):
+        expected = schema.provider_sources.get(local_name)
+        if local_name not in declared:
+            errors.append(f"versions.tf: provider `{local_name}` is used but not in required_providers")
+        elif expected and declared[local_name] != expected:
+            errors.append(f"versions.tf: provider `{local_name}` has source {declared[local_name]!r}, not {expected!r}")
     return errors
 
 
@@ -443,7 +494,7 @@ def reference_errors(module: TfModule, schema: ProviderSchema) -> list[str]:
                     type_ = target.split(".", 1)[0]
                     if type_ in resource_types:
                         missing = target not in resources
-                    elif type_.startswith(("google_", "archive_")):
+                    elif type_.split("_", 1)[0] in schema.provider_sources:
                         errors.append(f"{path.name}: `{target}` names an unknown resource type")
                         continue
                 if missing:
