@@ -198,11 +198,12 @@ class _SimBeating:
             if self._stopped:
                 return
             try:
-                if not self._beat():
-                    self._alive = False
-                    return
-            except Exception:
-                continue
+                alive = self._beat()
+            except Exception:  # like the real heartbeat: a failed renewal is tried again at the next beat
+                alive = True
+            if not alive:
+                self._alive = False
+                return
 
     def stop(self) -> None:
         self._stopped = True
