@@ -366,22 +366,20 @@ def in_transfer_syntax(folder: Path, syntax: str, seed: int = 20) -> Written:
     spec = SeriesSpec(kind="mr3d", slices=5, rows=24, columns=20, series_number=20, series_description="TS")
     datasets = _datasets(spec, seed)
     for ds in datasets:
-        ds.file_meta.TransferSyntaxUID = UID(syntax)
         if syntax == RLELossless:
             ds.compress(RLELossless, encoding_plugin="pydicom")
-        elif syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian):
-            pass
-        elif syntax == DeflatedExplicitVRLittleEndian:
-            pass  # pydicom deflates the dataset when it writes the file
-        else:
+        elif syntax == ExplicitVRBigEndian:
+            # pydicom writes OW bytes as given: swap them so the values stay the same in big endian.
+            ds.PixelData = _pixels(ds).astype(">u2").tobytes()
+        elif syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
             frame = _encoder(syntax)(ds)
             ds.PixelData = encapsulate([frame])
             ds["PixelData"].VR = "OB"
             ds["PixelData"].is_undefined_length = True
             if syntax in LOSSY:
                 ds.LossyImageCompression = "01"
-            if syntax == JPEGBaseline8Bit:
-                ds.PhotometricInterpretation = "MONOCHROME2"
+        # Deflate needs nothing here: pydicom deflates the dataset when it writes the file (PS3.5 A.5).
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, ds in enumerate(datasets):
