@@ -141,6 +141,12 @@ class DriveConnection:
                 self._all.append(service)
         try:
             yield service
+        except BaseException:
+            # httplib2 keeps a socket in its pool after an answer cut short or a timeout (it closes it
+            # only for errors before the status line); reusing it fails again, and dropping it unclosed
+            # leaks it. Close this client's sockets: the next request opens a fresh connection.
+            service.close()
+            raise
         finally:
             with self._lock:
                 self._idle.append(service)
