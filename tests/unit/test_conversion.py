@@ -174,3 +174,9 @@ def test_clashing_volumes_are_named_by_their_content_whatever_order_dcm2niix_met
     assert moves == {"9_xa": "9_x", "9_xb": "9_xa", "9_x": "9_xb"}
     in_order = deterministic_names([("9_x", "9_xa")], {"9_x": (9, False, "a"), "9_xa": (10, False, "b")})
     assert in_order == {}
+
+
+def test_files_dcm2niix_did_not_list_make_the_series_incomplete() -> None:
+    lines = ["Found 7 DICOM file(s)", "Convert 7 DICOM as /w/out/1_x (16x16x7x1)"]
+    result = assess(run(0, ["1_x.json", "1_x.nii.gz"], lines), files=8)
+    assert result.incomplete and "found only 7 of the 8 files" in result.warnings[-1]

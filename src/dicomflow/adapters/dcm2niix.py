@@ -12,6 +12,11 @@ them, which follows the unsorted directory listing; the converter then gives tho
 each volume's content (`domain.conversion.deterministic_names`), so a re-run, a download in another
 order or a folder of links yields the same name for the same volume. The output folder is fresh for
 each attempt, so nothing else can clash.
+
+The pinned dcm2niix skips Deflated Explicit VR Little Endian files ("Unsupported transfer syntax
+'1.2.840.10008.1.2.1.99' (inflate files with 'dcmconv +te ...')"). When it says so, the converter does
+what the message asks: it writes inflated copies (explicit VR little endian, same data set) next to the
+output folder — never into the input folder, which may be the user's — and runs dcm2niix again.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import dcm2niix as dcm2niix_wheel
@@ -39,6 +46,7 @@ from dicomflow.ports import ConverterRun
 
 _MERGE_FLAG = {"auto": "2", "yes": "y", "no": "n"}
 _CHUNK = 1024 * 1024
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def binary_path() -> Path:
@@ -82,6 +90,15 @@ class Dcm2niixConverter:
         return self._version
 
     def convert(self, input_dir: Path, output_dir: Path, stem: str, options: ConversionOptions) -> ConverterRun:
+        run = self._run(input_dir, output_dir, stem, options)
+        if DEFLATED in parse_console(run.console).unsupported_syntaxes:
+            inflated = inflate_folder(input_dir, output_dir.with_name(output_dir.name + "-inflated"))
+            shutil.rmtree(output_dir)
+            again = self._run(inflated, output_dir, stem, options)
+            run = ConverterRun(again.exit_code, again.outputs, again.console, run.seconds + again.seconds)
+        return run
+
+    def _run(self, input_dir: Path, output_dir: Path, stem: str, options: ConversionOptions) -> ConverterRun:
         output_dir.mkdir(parents=True, exist_ok=True)
         args = dcm2niix_args(self._binary, input_dir, output_dir, stem, options)
         started = time.monotonic()
@@ -106,6 +123,27 @@ class Dcm2niixConverter:
         settle_clashing_names(output_dir, console)
         outputs = tuple(sorted(p for p in output_dir.iterdir() if p.is_file()))
         return ConverterRun(exit_code=proc.returncode, outputs=outputs, console=console, seconds=seconds)
+
+
+def inflate_folder(input_dir: Path, target: Path) -> Path:
+    """`target` holding every file of `input_dir`: deflated data sets rewritten as explicit VR little
+    endian (the same data set: PS3.5 A.5 deflates the encoding, not the content), the others linked."""
+    from pydicom import dcmread  # noqa: PLC0415 - only for the rare deflated series
+    from pydicom.uid import ExplicitVRLittleEndian  # noqa: PLC0415
+
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in input_dir.iterdir() if p.is_file()):
+        with warnings.catch_warnings():
+            # pydicom's warnings about odd files may quote tag values (patient identifiers): not for logs.
+            warnings.simplefilter("ignore")
+            ds = dcmread(path, force=True)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and str(meta.get("TransferSyntaxUID", "")) == DEFLATED:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.save_as(target / path.name, enforce_file_format=True)
+        else:
+            (target / path.name).symlink_to(path.resolve())
+    return target
 
 
 def settle_clashing_names(output_dir: Path, console: str) -> dict[str, str]:

@@ -289,7 +289,9 @@ def assess(run: Run, *, files: int) -> Classified:
       the folder while it ran (the folder it reads holds exactly the series' files when it starts);
     - `ConversionFailed` (permanent) for data errors, `TransientError` subclasses for crashes, kills and
       I/O trouble (see `classify`).
-    Report-only series (exit 2/11, or 0 with nothing written) are NOTHING_TO_CONVERT, a skip.
+    Report-only series (exit 2/11, or 0 with nothing written) are NOTHING_TO_CONVERT, a skip. A
+    conversion is `incomplete` on exit 8 or 10, on dcm2niix's "Missing images?" warning, or when it
+    listed fewer files than the series has.
     """
     exit_code = run.exit_code
     report = parse_console(run.console)
@@ -317,7 +319,10 @@ def assess(run: Run, *, files: int) -> Classified:
             return _nothing_to_convert(warnings)
         raise _error_for(exit_code, "\n".join(warnings[-5:]))
     notes = list(warnings)
-    incomplete = exit_code in (8, 10) or report.missing_images
+    # Fewer files listed than the series has: dcm2niix did not take some of them for DICOM (or they
+    # vanished from the folder while it ran); either way they are not in the outputs.
+    unseen = report.found is not None and report.found < files
+    incomplete = exit_code in (8, 10) or report.missing_images or unseen
     if exit_code == 8:
         done = f" ({report.converted_of[0]} of {report.converted_of[1]} files)" if report.converted_of else ""
         notes.append(f"dcm2niix converted only part of this series{done}; the rest is not in the outputs")
@@ -325,6 +330,8 @@ def assess(run: Run, *, files: int) -> Classified:
         notes.append("dcm2niix found incomplete volumes in this series (exit code 10): some slices are missing")
     elif report.missing_images:
         notes.append("dcm2niix suspects missing images in this series (instance numbers have gaps)")
+    if unseen:
+        notes.append(f"dcm2niix found only {report.found} of the {files} files of this series")
     used = sum(r.images for r in report.converted)
     if 0 < used < files and not incomplete:
         notes.append(f"dcm2niix used {used} of the {files} files of this series")
