@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import subprocess
 import warnings
@@ -28,6 +29,7 @@ from dicomflow.adapters.dicom_headers import scan_one
 from dicomflow.domain.conversion import Classified, assess
 from dicomflow.domain.failures import DicomflowError
 from dicomflow.domain.series import ConversionOptions, DicomHeader, FileRef, group_series
+from tests.conftest import require
 from tests.support import dicom_kinds
 
 pytestmark = pytest.mark.integration
@@ -175,6 +177,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_each_transfer_syntax_is_discovered_and_converted_like_dcm2niix_does(
     syntax: str, reference: str, tmp_path: Path
 ) -> None:
+    if syntax in dicom_kinds.IMAGECODECS_SYNTAXES:
+        require(importlib.util.find_spec("imagecodecs") is not None, "imagecodecs (test extra) is not installed")
     written = dicom_kinds.in_transfer_syntax(tmp_path / "dicom", syntax)
     assert pydicom.dcmread(written.paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
     ((stem, files),) = group(written.paths)  # discovery read every header
@@ -236,3 +240,25 @@ def test_every_shipped_dicom_series_gives_dcm2niix_own_volumes(tmp_path: Path) -
     assert len(series) >= 40  # the wheels' test data: a guard against silently scanning nothing
     total = compare_with_dcm2niix(paths, tmp_path / "work")
     assert total >= 40
+
+
+# --- a folder that changes while dcm2niix reads it ---------------------------------------------------
+
+
+def test_a_file_added_to_a_source_folder_during_conversion_is_a_change_not_a_data_error(tmp_path: Path) -> None:
+    """The folder is used in place (it holds exactly the series); a file copied in while dcm2niix runs
+    shows in dcm2niix's file listing, which is retried — unlike the image count, which multi-frame data
+    legitimately exceeds."""
+    from dicomflow.adapters.local.files import LocalFolderSource
+    from dicomflow.domain.failures import SeriesChanged
+
+    written = dicom_kinds.multi_echo(tmp_path / "series")
+    refs = [FileRef(str(p), p.name, p.stat().st_size) for p in written.paths]
+    folder = LocalFolderSource().fetch(refs, tmp_path / "scratch")
+    assert folder == written.folder  # read in place
+    late = dicom_kinds.several_series_numbers(tmp_path / "late").paths[0]
+    (folder / "late.dcm").write_bytes(late.read_bytes())  # arrives "during" the conversion
+    run = CONVERTER.convert(folder, tmp_path / "out", "5_T1", ConversionOptions())
+    with pytest.raises(SeriesChanged) as info:
+        assess(run, files=len(refs))
+    assert not info.value.permanent

@@ -359,6 +359,10 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEG2000,
 )
 LOSSY = frozenset({JPEGBaseline8Bit, JPEGLSNearLossless, JPEG2000})
+# Encoded with imagecodecs (the test extra); the others need pydicom and numpy only.
+IMAGECODECS_SYNTAXES = frozenset(
+    {JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000}
+)
 
 
 def in_transfer_syntax(folder: Path, syntax: str, seed: int = 20) -> Written:
