@@ -130,7 +130,7 @@ EXPECTED_VOLUMES = {
     "philips_fieldmap": 2,
     "several_series_numbers": 2,
     "classic_and_enhanced": 2,  # one per copy: discovery makes them two series (DESIGN.md §9)
-    "enhanced_two_volumes": 1,
+    "enhanced_multi_frame": 1,
 }
 
 

@@ -262,8 +262,9 @@ def classic_and_enhanced(folder: Path, seed: int = 6) -> Written:
     return _save([*classic, enhanced], folder, "classic_and_enhanced", [classic[0].SeriesInstanceUID])
 
 
-def enhanced_two_volumes(folder: Path, seed: int = 7) -> Written:
-    """One enhanced multi-frame file holding two echoes: one file, two volumes (frames are not files)."""
+def enhanced_multi_frame(folder: Path, seed: int = 7) -> Written:
+    """One enhanced multi-frame file holding the frames of two echoes: one file, eight frames. (The pinned
+    dcm2niix stacks these synthetic frames into one volume; the point is that frames are not files.)"""
     spec = SeriesSpec(kind="mr3d", slices=4, rows=16, columns=16, series_number=12, echo_times_ms=(5.0, 10.0))
     classic = _datasets(spec, seed)
     per_echo = len(classic) // 2
@@ -285,7 +286,7 @@ def enhanced_two_volumes(folder: Path, seed: int = 7) -> Written:
     ds.DimensionIndexSequence[0].DimensionIndexPointer = 0x00189082  # EffectiveEchoTime
     ds.DimensionIndexSequence[0].FunctionalGroupPointer = 0x00189114  # MREchoSequence
     ds.PixelData = b"".join(bytes(d.PixelData) for d in classic)
-    return _save([ds], folder, "enhanced_two_volumes", [ds.SeriesInstanceUID])
+    return _save([ds], folder, "enhanced_multi_frame", [ds.SeriesInstanceUID])
 
 
 KINDS: dict[str, Callable[[Path], Written]] = {
@@ -295,7 +296,7 @@ KINDS: dict[str, Callable[[Path], Written]] = {
     "philips_fieldmap": philips_fieldmap,
     "several_series_numbers": several_series_numbers,
     "classic_and_enhanced": classic_and_enhanced,
-    "enhanced_two_volumes": enhanced_two_volumes,
+    "enhanced_multi_frame": enhanced_multi_frame,
 }
 
 
