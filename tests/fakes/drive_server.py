@@ -30,10 +30,12 @@ import email.utils
 import hashlib
 import http.client
 import json
+import os
 import random
 import re
 import socket
 import string
+import struct
 import threading
 import time
 import traceback
@@ -69,6 +71,8 @@ GOOGLE_APPS_PREFIX = "application/vnd.google-apps."
 DEFAULT_MIME = "application/octet-stream"
 #: Drive wants every non-final resumable chunk to be a multiple of 256 KiB (FACTS §1, gotcha 4).
 UPLOAD_CHUNK_GRANULARITY = 256 * 1024
+#: What ``Faults.add(network=...)`` can do to an answer besides refusing it.
+NETWORK_FAULTS = ("fin", "rst", "stall", "short")
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 CHANGES_CHANNEL_MAX_SECONDS = 604_800  # FACTS §2 "Lifetime"
@@ -273,6 +277,10 @@ class _Outcome:
     status: int | None
     reason: str | None
     drop: bool
+    # What the network does besides dropping before the answer (see ``Faults.add``): ``"fin"``/``"rst"``
+    # cut the real answer mid-body, ``"stall"`` answers nothing for ``stall_seconds`` and then closes,
+    # ``"short"`` answers a ranged download with fewer bytes than asked (a valid, shorter 206).
+    network: str | None = None
 
 
 @dataclass
@@ -324,17 +332,29 @@ class Faults:
         probability: float | None = None,
         drop_connection: bool = False,
         after_processing: bool = False,
+        network: str | None = None,
     ) -> FaultRule:
         """Inject ``status`` (with Drive's body for ``reason``) or drop the connection.
 
         ``path_contains`` is matched against ``path?query``, so ``"uploadType=resumable"`` or
         ``"upload_id="`` work. ``after_processing=True`` performs the request first and then fails or
         drops it, like a Drive backend that commits and then times out (duplicates on client retry).
+
+        ``network`` injects what a real network does to an answer instead: ``"fin"`` sends the status
+        line, the headers (with the full Content-Length) and half the body, then closes cleanly — the
+        client's ``http.client`` raises ``IncompleteRead``; ``"rst"`` does the same and then resets the
+        connection (``SO_LINGER`` 0) — ``ConnectionResetError``; ``"stall"`` sends nothing for
+        ``FakeDrive.stall_seconds`` and closes — a client with a shorter timeout raises ``TimeoutError``;
+        ``"short"`` answers a ranged download (``Range`` header) with a valid ``206`` carrying half the
+        bytes asked (other requests get ``"fin"``). The request is processed first for ``fin``, ``rst``
+        and ``short``, as the server had answered when the network failed.
         """
+        if network not in (None, *NETWORK_FAULTS):
+            raise ValueError(f"network must be one of {NETWORK_FAULTS}, not {network!r}")
         rule = FaultRule(
             method=method,
             path_contains=path_contains,
-            outcomes=(_Outcome(None if drop_connection else status, reason, drop_connection),),
+            outcomes=(_Outcome(None if drop_connection or network else status, reason, drop_connection, network),),
             times=times,
             probability=probability,
             after_processing=after_processing,
@@ -343,9 +363,12 @@ class Faults:
             self._rules.append(rule)
         return rule
 
-    def add_mix(self, probability: float, method: str | None = None, path_contains: str | None = None) -> FaultRule:
-        """Random mix of 429, 403 rate limits, 500, 503 and dropped connections on a fraction of requests."""
-        outcomes = (
+    def add_mix(
+        self, probability: float, method: str | None = None, path_contains: str | None = None, *, network: bool = False
+    ) -> FaultRule:
+        """Random mix of 429, 403 rate limits, 500, 503 and dropped connections on a fraction of requests;
+        with ``network=True`` also answers cut mid-body (FIN and RST), stalls and short reads (see ``add``)."""
+        outcomes: tuple[_Outcome, ...] = (
             _Outcome(429, "rateLimitExceeded", False),
             _Outcome(403, "userRateLimitExceeded", False),
             _Outcome(403, "rateLimitExceeded", False),
@@ -353,6 +376,8 @@ class Faults:
             _Outcome(503, "backendError", False),
             _Outcome(None, None, True),
         )
+        if network:
+            outcomes += tuple(_Outcome(None, None, False, kind) for kind in NETWORK_FAULTS)
         rule = FaultRule(method, path_contains, outcomes, None, probability, after_processing=False)
         with self._lock:
             self._rules.append(rule)
@@ -1087,6 +1112,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def write_response(self, resp: _Response) -> None:
         """Status line, headers (always Content-Length) and body in a single write."""
+        self.wfile.write(self._encode(resp, content_length=len(resp.body)))
+        self.wfile.flush()
+
+    def _encode(self, resp: _Response, *, content_length: int) -> bytes:
         try:
             phrase = _STATUS_PHRASES.get(resp.status) or HTTPStatus(resp.status).phrase
         except ValueError:
@@ -1095,7 +1124,7 @@ class _Handler(BaseHTTPRequestHandler):
             f"HTTP/1.1 {resp.status} {phrase}",
             f"Date: {self.date_time_string()}",
             f"Server: {self.server_version}",
-            f"Content-Length: {len(resp.body)}",
+            f"Content-Length: {content_length}",
         ]
         if resp.content_type:
             lines.append(f"Content-Type: {resp.content_type}")
@@ -1103,8 +1132,26 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head + resp.body)
-        self.wfile.flush()
+        return head + resp.body
+
+    def write_truncated(self, resp: _Response, *, reset: bool) -> None:
+        """The answer's head with its full Content-Length and only half its body, then a close: clean
+        (FIN) or, with ``reset``, abortive (RST, via SO_LINGER with a zero timeout)."""
+        full = resp.body
+        if len(full) < 2:
+            return  # no body to cut: the connection closes before the answer, as in a plain drop
+        resp.body = full[: len(full) // 2]
+        head_and_part = self._encode(resp, content_length=len(full))
+        with contextlib.suppress(OSError):
+            self.wfile.write(head_and_part)
+            self.wfile.flush()
+            if reset:
+                # Close the descriptor itself now: socketserver would first shut the socket down for
+                # writing, which sends a FIN before the RST.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                os.close(self.connection.detach())
+            else:
+                self.connection.shutdown(socket.SHUT_WR)
 
 
 class _Server(ThreadingHTTPServer):
@@ -1176,6 +1223,7 @@ class FakeDrive:
     * ``notify_max_attempts``, ``notify_backoff_seconds``, ``notify_timeout_seconds``: webhook retries.
     * ``body_timeout_seconds``: a request body that stops arriving before Content-Length is answered
       with 400 and a closed connection after this idle time (see :meth:`_Handler.read_body`).
+    * ``stall_seconds``: how long a ``"stall"`` network fault keeps the client waiting before closing.
     * ``faults``: :class:`Faults`; :meth:`fault_rate` adds a random mix.
     """
 
@@ -1190,6 +1238,7 @@ class FakeDrive:
         self.notify_backoff_seconds = 0.02
         self.notify_timeout_seconds = 5.0
         self.body_timeout_seconds = 2.0
+        self.stall_seconds = 1.0
         self.faults = Faults(seed)
         self.server_errors: list[str] = []
         self.connections_accepted = 0
@@ -1288,10 +1337,11 @@ class FakeDrive:
             self._delivery_mode = mode
             self._notify_cv.notify_all()
 
-    def fault_rate(self, p: float, seed: int = 0) -> FaultRule:
-        """Inject a seeded random mix (429, 403 rate limits, 500, 503, dropped connection) on ``p`` of requests."""
+    def fault_rate(self, p: float, seed: int = 0, *, network: bool = False) -> FaultRule:
+        """Inject a seeded random mix (429, 403 rate limits, 500, 503, dropped connection) on ``p`` of requests;
+        ``network=True`` adds answers cut mid-body (FIN, RST), stalls and short reads."""
         self.faults.reseed(seed)
-        return self.faults.add_mix(p)
+        return self.faults.add_mix(p, network=network)
 
     # ------------------------------------------------------------------ logs
 
@@ -1643,6 +1693,9 @@ class FakeDrive:
             time.sleep(self.latency_seconds)
         url = f"{split.path}?{raw_query}" if raw_query else split.path
         hit = self.faults.pick(method, url)
+        if hit is not None and hit.outcome.network is not None:
+            self._network_fault(handler, req, hit.outcome.network)
+            return
         response: _Response | None
         if hit is not None and not hit.after_processing:
             response = self._fault_response(hit.outcome)
@@ -1655,6 +1708,28 @@ class FakeDrive:
             handler.close_connection = True  # drop: close the socket without answering
             return
         handler.write_response(response)
+
+    def _network_fault(self, handler: _Handler, req: _Request, kind: str) -> None:
+        """Answer the way a failing network delivers answers (see ``Faults.add``)."""
+        handler.close_connection = True
+        if kind == "stall":
+            self._log_request(req, None, fault=True)
+            time.sleep(self.stall_seconds)
+            return
+        response = self._dispatch(req)
+        ranged = req.headers.get("Range") is not None and response.status == 206
+        if kind == "short" and ranged and len(response.body) > 1:
+            # A valid, shorter 206: bytes a..(a + n/2 - 1) of the range asked, Content-Range saying so.
+            start_text, _, total = response.headers["Content-Range"].removeprefix("bytes ").partition("/")
+            start = int(start_text.split("-")[0])
+            half = response.body[: len(response.body) // 2]
+            response.headers["Content-Range"] = f"bytes {start}-{start + len(half) - 1}/{total}"
+            response.body = half
+            self._log_request(req, response, fault=True)
+            handler.write_response(response)
+            return
+        self._log_request(req, None, fault=True)
+        handler.write_truncated(response, reset=kind == "rst")
 
     @staticmethod
     def _fault_response(outcome: _Outcome) -> _Response | None:

@@ -3,7 +3,9 @@ damaged on purpose: empty, truncated, not DICOM, DICOMDIR, no preamble, very lon
 
 from __future__ import annotations
 
+import errno
 import gzip
+import http.client
 import shutil
 from io import BytesIO
 from pathlib import Path
@@ -13,8 +15,16 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from dicomflow.adapters.dicom_headers import PREFIX_BYTES, SequentialScanner, ThreadedScanner, parse_header, scan_one
+from dicomflow.adapters.dicom_headers import (
+    PREFIX_BYTES,
+    SequentialScanner,
+    ShortRead,
+    ThreadedScanner,
+    parse_header,
+    scan_one,
+)
 from dicomflow.adapters.local.files import LocalFolderSource
+from dicomflow.domain.failures import SourceNotFound, TransientError
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, IgnoredKind, group_series
 from dicomflow.samples import SeriesSpec, phi_patient, write_series
@@ -192,3 +202,116 @@ def test_fast_reader_agrees_with_pydicom_on_every_shipped_file(path: Path) -> No
         if isinstance(ours, Ignored) and isinstance(theirs, Ignored):
             continue  # both refuse the file (the reason may be worded differently)
         assert ours == theirs
+
+
+# --- a failed read is never a fact about the file (issue 9) ------------------------------------------
+
+
+def _mr_small() -> bytes:
+    return Path(get_testdata_file("MR_small.dcm")).read_bytes()  # type: ignore[arg-type]
+
+
+def test_a_short_read_of_a_longer_file_is_retried_not_taken_for_its_end() -> None:
+    """A dropped connection returning the first 600 bytes of a 9 KB file: the old reader called the file
+    truncated and dropped it from its series."""
+    data = _mr_small()
+    with pytest.raises(ShortRead) as info:
+        scan_one(lambda n: data[:600], len(data))
+    assert not info.value.permanent
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (OSError(errno.EIO, "I/O error"), True),
+        (TimeoutError(errno.ETIMEDOUT, "timed out"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+        (PermissionError(errno.EACCES, "denied"), False),
+        (FileNotFoundError(errno.ENOENT, "gone"), False),
+    ],
+)
+def test_read_errors_that_may_pass_are_retried_and_refusals_are_unreadable(error: OSError, transient: bool) -> None:
+    def read(_n: int) -> bytes:
+        raise error
+
+    if transient:
+        with pytest.raises(TransientError):
+            scan_one(read, 5000)
+    else:
+        result = scan_one(read, 5000)
+        assert isinstance(result, Ignored) and result.kind is IgnoredKind.UNREADABLE
+        assert result.kind is not IgnoredKind.NOT_DICOM and result.detail in ("permission denied", "no longer exists")
+
+
+def test_a_source_error_nobody_classified_fails_the_scan_instead_of_dropping_the_file(tmp_path: Path) -> None:
+    class Flaky(LocalFolderSource):
+        def read_prefix(self, ref: FileRef, size: int) -> bytes:
+            raise http.client.IncompleteRead(b"partial")
+
+    path = tmp_path / "x.dcm"
+    path.write_bytes(_mr_small())
+    ref = FileRef(str(path), "x.dcm", path.stat().st_size)
+    with pytest.raises(http.client.IncompleteRead):
+        SequentialScanner().scan(Flaky(), [ref])
+
+
+def test_a_file_deleted_or_unshared_on_the_source_is_unreadable() -> None:
+    def read(_n: int) -> bytes:
+        raise SourceNotFound("file x was not found")
+
+    result = scan_one(read, 5000)
+    assert isinstance(result, Ignored) and result.kind is IgnoredKind.UNREADABLE
+
+
+def test_the_identifier_tags_privacy_needs_are_read_by_both_readers() -> None:
+    """Read (to recognise identifiers elsewhere), never returned in the header discovery keeps."""
+    from dicomflow.adapters.dicom_fastscan import read_fast
+
+    data = _written_with_identifiers()
+    fast = read_fast(data).values
+    ds = pydicom.dcmread(BytesIO(data))
+    expected = {
+        "accession_number": ds.AccessionNumber,
+        "institution_name": ds.InstitutionName,
+        "referring_physician_name": str(ds.ReferringPhysicianName),
+        "station_name": ds.StationName,
+        "study_description": ds.StudyDescription,
+        "study_date": ds.StudyDate,
+        "series_date": ds.SeriesDate,
+        "acquisition_date": ds.AcquisitionDate,
+        "study_id": ds.StudyID,
+        "institution_address": ds.InstitutionAddress,
+        "institutional_department_name": ds.InstitutionalDepartmentName,
+        "performing_physician_name": str(ds.PerformingPhysicianName),
+        "operators_name": str(ds.OperatorsName),
+        "other_patient_names": str(ds.OtherPatientNames),
+        "patient_birth_name": str(ds.PatientBirthName),
+    }
+    assert {k: fast.get(k) for k in expected} == expected
+    from dicomflow.adapters.dicom_headers import _values_from_dataset
+
+    slow = _values_from_dataset(pydicom.filereader.read_partial(BytesIO(data), stop_when=None))
+    assert {k: slow.get(k) for k in expected} == expected
+    header = parse_header(data, complete=True)
+    assert isinstance(header, DicomHeader) and "ZZBIRTH" not in repr(header)
+
+
+def _written_with_identifiers() -> bytes:
+    ds = pydicom.dcmread(BytesIO(_mr_small()))
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.AccessionNumber = "ACC123"
+    ds.InstitutionName = "ZZ HOSPITAL"
+    ds.InstitutionAddress = "1 ZZ Street"
+    ds.ReferringPhysicianName = "ZZREF^DOC"
+    ds.StationName = "ZZSTATION"
+    ds.StudyDescription = "ZZ study"
+    ds.InstitutionalDepartmentName = "ZZ radiology"
+    ds.PerformingPhysicianName = "ZZPERF^DOC"
+    ds.OperatorsName = "ZZOPER^TECH"
+    ds.OtherPatientNames = "ZZOTHER^NAME"
+    ds.PatientBirthName = "ZZBIRTH^NAME"
+    ds.StudyDate, ds.SeriesDate, ds.AcquisitionDate = "20240101", "20240102", "20240103"
+    ds.StudyID = "STUDY7"
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

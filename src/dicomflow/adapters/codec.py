@@ -112,6 +112,7 @@ def item_to_dict(item: Item, *, with_files: bool = True) -> dict[str, Any]:
         "warnings": list(item.warnings),
         "failure": item.failure.to_dict() if item.failure else None,
         "skip_reason": item.skip_reason,
+        "incomplete": item.incomplete,
         "expires_at": item.expires_at,
         "publishing": [o.to_dict() for o in item.publishing],
         # Derived, for the reconciler's query (Firestore cannot filter on the length of a list).
@@ -156,6 +157,7 @@ def item_from_dict(data: Mapping[str, Any], files: tuple[FileRef, ...] | None = 
         warnings=tuple(data.get("warnings") or ()),
         failure=Failure.from_dict(data["failure"]) if data.get("failure") else None,
         skip_reason=str(data.get("skip_reason", "")),
+        incomplete=bool(data.get("incomplete", False)),
         expires_at=_opt_float(data.get("expires_at")),
         publishing=tuple(OutputFile.from_dict(o) for o in data.get("publishing") or ()),
     )

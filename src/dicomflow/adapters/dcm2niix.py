@@ -1,26 +1,52 @@
 """dcm2niix, from the pinned PyPI wheel (the same pin is installed in the worker image).
 
 Flags are explicit and fixed (DESIGN.md invariant 6): `-z y` gzip, `-b y -ba y` BIDS sidecar with
-patient fields removed, `-w 1` overwrite inside the fresh per-attempt output folder, and `-f <stem>` —
-a literal name computed by dicomflow from SeriesNumber and SeriesDescription, never `%n %i %f` (patient
-name, patient id, input folder).
+patient fields removed, and `-f <stem>` — a literal name computed by dicomflow from SeriesNumber and
+SeriesDescription, never `%n %i %f` (patient name, patient id, input folder).
+
+`-w 2` (add a suffix on a name clash), never `-w 1`: one series can give several volumes that dcm2niix
+cannot tell apart by its own suffixes (`_e2`, `_ph`, `_real`, ...) — several SeriesNumbers under one
+SeriesInstanceUID, the original and derived images of a Philips fieldmap — and with `-w 1` each one
+overwrote the previous (issue 9). With `-w 2` it names them `B`, `Ba`, `Bb`... in the order it meets
+them, which follows the unsorted directory listing; the converter then gives those names out again by
+each volume's content (`domain.conversion.deterministic_names`), so a re-run, a download in another
+order or a folder of links yields the same name for the same volume. The output folder is fresh for
+each attempt, so nothing else can clash.
+
+The pinned dcm2niix skips Deflated Explicit VR Little Endian files ("Unsupported transfer syntax
+'1.2.840.10008.1.2.1.99' (inflate files with 'dcmconv +te ...')"). When it says so, the converter does
+what the message asks: it writes inflated copies (explicit VR little endian, same data set) next to the
+output folder — never into the input folder, which may be the user's — and runs dcm2niix again.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import dcm2niix as dcm2niix_wheel
 
+from dicomflow.domain.conversion import (
+    collision_groups,
+    deterministic_names,
+    parse_console,
+    volumes_of,
+)
 from dicomflow.domain.failures import ConverterTimeout
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.ports import ConverterRun
 
 _MERGE_FLAG = {"auto": "2", "yes": "y", "no": "n"}
+_CHUNK = 1024 * 1024
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def binary_path() -> Path:
@@ -37,7 +63,7 @@ def dcm2niix_args(binary: Path, input_dir: Path, output_dir: Path, stem: str, op
         "-ba", "y",
         "-m", _MERGE_FLAG[options.merge_2d],
         "-d", "0",  # only the given folder: it holds exactly one series (sub-folders are other series)
-        "-w", "1",
+        "-w", "2",  # a clash gets a suffix, never an overwrite (see the module docstring)
         "-f", stem,
         "-o", str(output_dir),
         str(input_dir),
@@ -73,6 +99,17 @@ class Dcm2niixConverter:
         timeout_seconds: float | None = None,
     ) -> ConverterRun:
         timeout = self._timeout if timeout_seconds is None else min(timeout_seconds, self._timeout)
+        run = self._run(input_dir, output_dir, stem, options, timeout)
+        if DEFLATED in parse_console(run.console).unsupported_syntaxes:
+            inflated = inflate_folder(input_dir, output_dir.with_name(output_dir.name + "-inflated"))
+            shutil.rmtree(output_dir)
+            again = self._run(inflated, output_dir, stem, options, max(1.0, timeout - run.seconds))
+            run = ConverterRun(again.exit_code, again.outputs, again.console, run.seconds + again.seconds)
+        return run
+
+    def _run(
+        self, input_dir: Path, output_dir: Path, stem: str, options: ConversionOptions, timeout: float
+    ) -> ConverterRun:
         output_dir.mkdir(parents=True, exist_ok=True)
         args = dcm2niix_args(self._binary, input_dir, output_dir, stem, options)
         started = time.monotonic()
@@ -93,10 +130,89 @@ class Dcm2niixConverter:
                     "If this series is very large, raise DICOMFLOW_CONVERT_TIMEOUT_SECONDS."
                 ) from None
         seconds = time.monotonic() - started
+        console = out.decode("utf-8", errors="replace")
+        settle_clashing_names(output_dir, console)
         outputs = tuple(sorted(p for p in output_dir.iterdir() if p.is_file()))
-        return ConverterRun(
-            exit_code=proc.returncode,
-            outputs=outputs,
-            console=out.decode("utf-8", errors="replace"),
-            seconds=seconds,
-        )
+        return ConverterRun(exit_code=proc.returncode, outputs=outputs, console=console, seconds=seconds)
+
+
+def inflate_folder(input_dir: Path, target: Path) -> Path:
+    """`target` holding every file of `input_dir`: deflated data sets rewritten as explicit VR little
+    endian (the same data set: PS3.5 A.5 deflates the encoding, not the content), the others linked."""
+    from pydicom import dcmread  # noqa: PLC0415 - only for the rare deflated series
+    from pydicom.uid import ExplicitVRLittleEndian  # noqa: PLC0415
+
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in input_dir.iterdir() if p.is_file()):
+        with warnings.catch_warnings():
+            # pydicom's warnings about odd files may quote tag values (patient identifiers): not for logs.
+            warnings.simplefilter("ignore")
+            ds = dcmread(path, force=True)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and str(meta.get("TransferSyntaxUID", "")) == DEFLATED:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.save_as(target / path.name, enforce_file_format=True)
+        else:
+            (target / path.name).symlink_to(path.resolve())
+    return target
+
+
+def settle_clashing_names(output_dir: Path, console: str) -> dict[str, str]:
+    """Give volumes that dcm2niix suffixed `a`, `b`... their name by content, not by dcm2niix's order.
+
+    Returns the renames made (old name -> new name; empty in the usual case of no clash).
+    """
+    reported = parse_console(console).converted
+    groups = collision_groups([r.name for r in reported])
+    if not groups:
+        return {}
+    files = sorted(p.name for p in output_dir.iterdir() if p.is_file())
+    volumes = volumes_of(files, reported)
+    by_name = {v.name: v for v in volumes}
+    names = [name for group in groups for name in group if name in by_name]
+    keys = {name: _content_key(output_dir, by_name[name].files) for name in names}
+    if len(keys) != sum(len(g) for g in groups):
+        return {}  # a reported volume is missing: leave the names alone, assess() reports the loss
+    moves = deterministic_names(groups, keys)
+    # Every file of a moving volume moves with it: its sidecars and the volumes derived from it.
+    plan: list[tuple[str, str]] = []
+    for volume in volumes:
+        owner = volume.name if volume.name in moves else volume.derived_from
+        if owner not in moves:
+            continue
+        for file_name in volume.files:
+            plan.append((file_name, moves[owner] + file_name[len(owner) :]))
+    # Through temporary names: the moves can form cycles (B <-> Ba).
+    for index, (old, _new) in enumerate(plan):
+        (output_dir / old).rename(output_dir / f".dicomflow-rename-{index}")
+    for index, (_old, new) in enumerate(plan):
+        (output_dir / f".dicomflow-rename-{index}").rename(output_dir / new)
+    return moves
+
+
+def _content_key(folder: Path, files: tuple[str, ...]) -> tuple[object, ...]:
+    """(SeriesNumber, derived?, digest of the voxels): orders clashing volumes the same way every time.
+
+    SeriesNumber first so that renumbered re-runs keep their numeric order; original before derived
+    (a Philips fieldmap's magnitude before its B0 map); the digest of the uncompressed NIfTI settles the
+    rest (gzip headers may differ between runs, the image does not).
+    """
+    series_number = 1 << 31
+    derived = False
+    sidecar = next((f for f in files if f.endswith(".json")), None)
+    if sidecar is not None:
+        try:
+            meta = json.loads((folder / sidecar).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        if isinstance(meta.get("SeriesNumber"), int):
+            series_number = int(meta["SeriesNumber"])
+        derived = "DERIVED" in [str(v).upper() for v in meta.get("ImageType") or ()]
+    digest = hashlib.sha256()
+    nifti = next((f for f in files if f.endswith((".nii.gz", ".nii"))), None)
+    if nifti is not None:
+        opener = gzip.open if nifti.endswith(".gz") else open
+        with opener(folder / nifti, "rb") as handle:
+            while block := handle.read(_CHUNK):
+                digest.update(block)
+    return (series_number, derived, digest.hexdigest())

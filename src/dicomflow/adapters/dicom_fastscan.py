@@ -6,14 +6,19 @@ VR little endian, the encodings of virtually every scanner export; compressed tr
 their header in explicit VR little endian too) and stops after group 0x0020, skipping everything else,
 including nested sequences of undefined length.
 
-It is deliberately conservative: on anything it does not fully understand — big endian, deflate, a
-character set other than ASCII/Latin-1/UTF-8, an inconsistent length — it returns None and the caller
-falls back to pydicom. A test compares both readers on every DICOM file shipped with pydicom and nibabel.
+A deflated dataset (Deflated Explicit VR Little Endian, PS3.5 A.5) is inflated first: everything after
+the file meta group is one raw deflate stream (RFC 1951, no zlib header) of an explicit VR little endian
+dataset, and a prefix of the file inflates to a prefix of the dataset, which is all a header read needs.
+
+It is deliberately conservative: on anything it does not fully understand — big endian, a character
+set other than ASCII/Latin-1/UTF-8, an inconsistent length — it raises Unsupported and the caller falls
+back to pydicom. A test compares both readers on every DICOM file shipped with pydicom and nibabel.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 _UNDEFINED = 0xFFFFFFFF
@@ -25,11 +30,16 @@ _VALID_VRS = _LONG_VRS | frozenset(
 _ITEM, _ITEM_END, _SEQ_END = 0xE000, 0xE00D, 0xE0DD
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
+_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+# Inflate no more than this of a deflated dataset: the grouping tags end within the first ~9 KB of real
+# headers (DESIGN.md §9), and a longer prefix is asked for when they do not.
+_INFLATE_LIMIT = 16 * 1024 * 1024
 # Explicit VR little endian headers with encapsulated pixel data: JPEG, JPEG-LS, JPEG 2000, RLE, HTJ2K, ...
 _ENCAPSULATED_PREFIXES = ("1.2.840.10008.1.2.4.", "1.2.840.10008.1.2.5")
 _SIMPLE_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"})
 
-# (group, element) → field name, for the tags discovery needs.
+# (group, element) → field name, for the tags discovery needs: the grouping tags, and the identifiers a
+# description or name may repeat (read to recognise them, never stored or returned).
 WANTED = {
     (0x0002, 0x0002): "media_sop_class",
     (0x0002, 0x0003): "media_sop_instance",
@@ -38,17 +48,40 @@ WANTED = {
     (0x0008, 0x0008): "image_type",
     (0x0008, 0x0016): "sop_class",
     (0x0008, 0x0018): "sop_instance",
+    (0x0008, 0x0020): "study_date",
+    (0x0008, 0x0021): "series_date",
+    (0x0008, 0x0022): "acquisition_date",
+    (0x0008, 0x0050): "accession_number",
     (0x0008, 0x0060): "modality",
+    (0x0008, 0x0080): "institution_name",
+    (0x0008, 0x0081): "institution_address",
+    (0x0008, 0x0090): "referring_physician_name",
+    (0x0008, 0x1010): "station_name",
+    (0x0008, 0x1030): "study_description",
     (0x0008, 0x103E): "series_description",
+    (0x0008, 0x1040): "institutional_department_name",
+    (0x0008, 0x1050): "performing_physician_name",
+    (0x0008, 0x1070): "operators_name",
     (0x0010, 0x0010): "patient_name",
     (0x0010, 0x0020): "patient_id",
     (0x0010, 0x0030): "patient_birth_date",
     (0x0010, 0x1000): "other_patient_ids",
+    (0x0010, 0x1001): "other_patient_names",
+    (0x0010, 0x1005): "patient_birth_name",
     (0x0018, 0x1030): "protocol_name",
     (0x0020, 0x000E): "series_uid",
+    (0x0020, 0x0010): "study_id",
     (0x0020, 0x0011): "series_number",
 }
-_TEXT_KEYS = frozenset({"series_description", "protocol_name", "patient_name", "patient_id", "other_patient_ids"})
+# Values in the dataset's character set (VR LO, LT, PN, SH, ST, UT); the others are ASCII by definition.
+_TEXT_KEYS = frozenset(
+    {
+        "series_description", "protocol_name", "patient_name", "patient_id", "other_patient_ids", "accession_number",
+        "institution_name", "institution_address", "referring_physician_name", "station_name", "study_description",
+        "institutional_department_name", "performing_physician_name", "operators_name", "other_patient_names",
+        "patient_birth_name", "study_id",
+    }
+)  # fmt: skip
 
 
 class Unsupported(Exception):
@@ -148,6 +181,15 @@ def _skip_sequence(data: bytes, pos: int, end: int, explicit: bool, depth: int) 
         pos += 8
 
 
+def _inflate(deflated: bytes) -> bytes:
+    """The start of a deflated dataset, as far as `deflated` (a prefix of the stream) goes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate: no zlib header (PS3.5 A.5)
+    try:
+        return inflater.decompress(deflated, _INFLATE_LIMIT)
+    except zlib.error as exc:
+        raise Unsupported("corrupt deflate stream") from exc
+
+
 def read_fast(data: bytes) -> FastHeader:
     """Grouping fields of a DICOM prefix. Raises Unsupported (use pydicom) or Truncated (read more)."""
     raw: dict[str, bytes] = {}
@@ -160,6 +202,8 @@ def read_fast(data: bytes) -> FastHeader:
             explicit = False
         elif syntax == _EXPLICIT_LE or syntax.startswith(_ENCAPSULATED_PREFIXES):
             explicit = True
+        elif syntax == _DEFLATED_LE:
+            data, pos, explicit = _inflate(data[pos:]), 0, True
         else:
             raise Unsupported(f"transfer syntax {syntax!r}")
     else:

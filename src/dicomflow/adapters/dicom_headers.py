@@ -8,20 +8,29 @@ only when the grouping tags were not reached.
 
 Patient identifiers are read here for one purpose: to drop a SeriesDescription that contains them (it
 becomes part of output file names). They are never returned.
+
+A failed read is never taken for a fact about the file (issue 9: a transient fault must not change what
+is converted). "Not DICOM", "empty" and "truncated" come from bytes actually read; a read that returns
+fewer bytes than asked of a file whose size the listing gave is a short read, not the end of the file; a
+read that fails for a reason that may pass (a reset, a timeout, EIO, 429/5xx) raises a TransientError so
+the queue retries the scan step. Only a permanent refusal (permission denied, the file is gone) makes a
+file "unreadable", which is reported apart from "not DICOM".
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import struct
 import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dicomflow.adapters.dicom_fastscan import WANTED, Truncated, Unsupported, read_fast
-from dicomflow.domain.failures import TransientError
+from dicomflow.domain.failures import DicomflowError, TransientError
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, IgnoredKind, ScanResult
 from dicomflow.ports import Source
 
@@ -36,6 +45,19 @@ _GROUPING_GROUP_END = 0x0020
 
 class NeedMore(Exception):
     """The prefix ended before the grouping tags; read a longer prefix."""
+
+
+class ShortRead(TransientError):
+    """A read returned fewer bytes than asked of a file that is longer (a dropped connection, a file
+    still being written): retried, never taken for the end of the file."""
+
+    code = "short_read"
+
+
+class ReadFailed(TransientError):
+    """Reading a file failed for a reason that may pass (I/O error, timeout); the scan is retried."""
+
+    code = "read_failed"
 
 
 def _looks_like_raw_dicom(data: bytes) -> bool:
@@ -85,7 +107,8 @@ def _parse_with_pydicom(data: bytes, *, complete: bool, has_preamble: bool) -> S
         reached_end_of_grouping = bool(tag.group > _GROUPING_GROUP_END)
         return reached_end_of_grouping
 
-    errors = (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, OverflowError, TypeError)
+    # zlib.error: a deflated dataset whose prefix ends inside the deflate stream pydicom inflates at once.
+    errors = (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, OverflowError, TypeError, zlib.error)
     with warnings.catch_warnings():
         # pydicom warns about odd but readable files; its warnings may quote tag values, which can be
         # patient identifiers, and must not reach logs.
@@ -172,33 +195,66 @@ def _series_number(raw: str | None) -> int | None:
         return None
 
 
+# Refusals that another attempt cannot change: the file is unreadable, which is reported, not retried.
+_PERMANENT_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOENT: "no longer exists",
+    errno.EISDIR: "is a folder",
+    errno.ENAMETOOLONG: "name too long",
+    errno.ELOOP: "symbolic link loop",
+}
+
+
+def _read(read_prefix: Callable[[int], bytes], want: int) -> bytes | Ignored:
+    try:
+        return read_prefix(want)
+    except DicomflowError as exc:
+        if not exc.permanent:
+            raise  # a rate limit, an outage, a dropped connection: the scan task is retried
+        return Ignored(IgnoredKind.UNREADABLE, exc.code)  # e.g. the file was deleted or unshared since listed
+    except OSError as exc:
+        reason = _PERMANENT_ERRNOS.get(exc.errno or 0)
+        if reason is None:
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            raise ReadFailed(f"reading a file failed ({name}); the scan will be retried") from exc
+        return Ignored(IgnoredKind.UNREADABLE, reason)
+
+
 def scan_one(read_prefix: Callable[[int], bytes], size: int) -> ScanResult:
-    """Read as little of one file as needed to group it."""
+    """Read as little of one file as needed to group it. `size` is the file's size from the listing.
+
+    Raises a TransientError (ShortRead, ReadFailed, or the source's own) when a read failed in a way
+    that may pass; returns Ignored only for what the bytes, or a permanent refusal, say.
+    """
     if size == 0:
         return Ignored(IgnoredKind.EMPTY)
     for step in PREFIX_STEPS:
         want = min(step, size)
-        try:
-            data = read_prefix(want)
-        except OSError as exc:
-            return Ignored(IgnoredKind.UNREADABLE, type(exc).__name__)
-        complete = len(data) >= size or len(data) < want
+        data = _read(read_prefix, want)
+        if isinstance(data, Ignored):
+            return data
+        if len(data) < want:
+            raise ShortRead(
+                f"a read returned {len(data)} of the {want} bytes asked of a file of {size} bytes; "
+                "the scan will be retried"
+            )
+        complete = want >= size
         try:
             return parse_header(data, complete=complete)
         except NeedMore:
             if complete:  # pragma: no cover - parse_header never asks for more of a complete file
                 break
+        except Exception as exc:  # the bytes are what they are: a parser failure is not a read failure
+            log.debug("header parse failed: %s", type(exc).__name__)
+            return Ignored(IgnoredKind.UNREADABLE, type(exc).__name__)
     return Ignored(IgnoredKind.UNREADABLE, "header longer than 16 MiB")
 
 
 def _scan_ref(source: Source, ref: FileRef) -> ScanResult:
-    try:
-        return scan_one(lambda n: source.read_prefix(ref, n), ref.size)
-    except TransientError:
-        raise  # a rate limit or outage: the whole scan task is retried
-    except Exception as exc:  # one unreadable file must not stop discovery of the others
-        log.debug("header scan failed: %s", type(exc).__name__)
-        return Ignored(IgnoredKind.UNREADABLE, type(exc).__name__)
+    # No catch-all here: an error nobody classified is a bug or an unmapped network fault, and the scan
+    # task must fail (and be retried) rather than silently drop the file from its series.
+    return scan_one(lambda n: source.read_prefix(ref, n), ref.size)
 
 
 class SequentialScanner:

@@ -205,6 +205,7 @@ class Item:
     warnings: tuple[str, ...] = ()
     failure: Failure | None = None
     skip_reason: str = ""
+    incomplete: bool = False  # converted, but dcm2niix reported missing slices or volumes: check the outputs
     expires_at: float | None = None
     # Written before an attempt publishes: the outputs it is about to put in the destination. A success
     # moves them to `outputs`; a series that ends without success keeps them here until they are retracted
@@ -341,6 +342,7 @@ def succeed(
     warnings: tuple[str, ...],
     *,
     generation: int | None = None,
+    incomplete: bool = False,
 ) -> Item | None:
     if not _accepts_result(item, item.generation if generation is None else generation):
         return None
@@ -348,6 +350,7 @@ def succeed(
         item,
         state=ItemState.SUCCEEDED,
         outputs=outputs,
+        incomplete=incomplete,
         publishing=(),
         timings=timings,
         warnings=warnings,

@@ -28,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from dicomflow.domain import model
-from dicomflow.domain.conversion import ConversionVerdict, check_input_count, classify
+from dicomflow.domain.conversion import ConversionVerdict, assess
 from dicomflow.domain.failures import AttemptOutOfTime, DicomflowError, Failure, InvalidInput, SeriesTooLarge
 from dicomflow.domain.model import Batch, BatchStatus, Item, OutputFile, Timings
 from dicomflow.domain.retry import Verdict, decide
@@ -255,10 +255,12 @@ def _convert_claimed(
         lease.confirm(beating)  # a stalled attempt that lost the series does not convert it again
         run = ctx.converter.convert(input_dir, work / "out", item.output_stem, batch.options, timeout_seconds=timeout)
         converted = ctx.clock()
-        classified = classify(run.exit_code, len(run.outputs), run.console)
+        # Every volume dcm2niix reports must be among the outputs, none overwritten (a lost volume fails the
+        # series for good); missing slices keep the outputs but flag the series as incomplete.
+        classified = assess(run, files=item.file_count)
         if classified.verdict is ConversionVerdict.NOTHING_TO_CONVERT:
             return _finish(ctx, item, skip_reason=classified.skip_reason, warnings=classified.warnings)
-        warnings = classified.warnings + check_input_count(run.console, item.file_count)
+        warnings = classified.warnings
         # Downloaded inputs are no longer needed: free the space before uploading (on Cloud Run it is
         # memory). Only our own scratch folder is removed, never a source folder used in place.
         shutil.rmtree(work / "in", ignore_errors=True)
@@ -275,7 +277,7 @@ def _convert_claimed(
         outputs = sink.publish(batch.destination, item.rel_dir, run.outputs, owner_key=item.item_id, progress=uploading)
         uploaded = ctx.clock()
     timings = Timings(downloaded - started, converted - downloaded, uploaded - converted)
-    return _finish(ctx, item, outputs=outputs, timings=timings, warnings=warnings)
+    return _finish(ctx, item, outputs=outputs, timings=timings, warnings=warnings, incomplete=classified.incomplete)
 
 
 def _finish(
@@ -286,6 +288,7 @@ def _finish(
     timings: Timings | None = None,
     warnings: tuple[str, ...] = (),
     skip_reason: str = "",
+    incomplete: bool = False,
 ) -> ConvertResult:
     now = ctx.clock()
     generation = item.generation
@@ -298,7 +301,9 @@ def _finish(
         stored, changed = ctx.update_item(
             item.batch_id,
             item.item_id,
-            lambda i: model.succeed(i, now, outputs, timings or Timings(), warnings, generation=generation),
+            lambda i: model.succeed(
+                i, now, outputs, timings or Timings(), warnings, generation=generation, incomplete=incomplete
+            ),
         )
         outcome, name = Outcome.SUCCEEDED, Event.SERIES_SUCCEEDED
     if not changed:

@@ -16,6 +16,7 @@ uploads on https).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -41,7 +42,12 @@ from dicomflow.ports import ChangePage, DriveChange, FileInfo
 
 SCOPES = ["https://www.googleapis.com/auth/drive"]
 NUM_RETRIES = 6  # googleapiclient's own retry of 429/5xx/rate-limit 403, with random() * 2**n s sleeps
-TRANSPORT_ERRORS = (OSError, httplib2.HttpLib2Error, TimeoutError, ConnectionError)
+# What a dropped or stalled connection raises. http.client.HTTPException covers IncompleteRead: a
+# connection closed cleanly (FIN) in the middle of a body, which neither httplib2 nor googleapiclient
+# retries (their retry loops catch socket errors only); a reset (RST) or a stall is an OSError.
+TRANSPORT_ERRORS = (OSError, httplib2.HttpLib2Error, TimeoutError, ConnectionError, http.client.HTTPException)
+TRANSPORT_ATTEMPTS = 4
+HTTP_TIMEOUT_SECONDS = 60.0  # googleapiclient's default socket timeout: a stalled response fails after it
 
 
 def load_user_credentials(path: Path) -> Any:
@@ -99,12 +105,14 @@ class DriveConnection:
         endpoint: str = "",
         download_concurrency: int = 16,
         max_retry_sleep: float = 32.0,
+        http_timeout: float = HTTP_TIMEOUT_SECONDS,
     ) -> None:
         self.credentials = credentials
         self.identity = identity
         self.endpoint = endpoint
         self.download_concurrency = download_concurrency
         self.max_retry_sleep = max_retry_sleep
+        self.http_timeout = http_timeout
         self._idle: list[Any] = []
         self._all: list[Any] = []
         self._lock = threading.Lock()
@@ -133,6 +141,12 @@ class DriveConnection:
                 self._all.append(service)
         try:
             yield service
+        except BaseException:
+            # httplib2 keeps a socket in its pool after an answer cut short or a timeout (it closes it
+            # only for errors before the status line); reusing it fails again, and dropping it unclosed
+            # leaks it. Close this client's sockets: the next request opens a fresh connection.
+            service.close()
+            raise
         finally:
             with self._lock:
                 self._idle.append(service)
@@ -146,7 +160,9 @@ class DriveConnection:
     def _build(self) -> DriveClient:
         # build_http(), not httplib2.Http(): it leaves 308 out of redirect codes, which resumable uploads
         # need (GCP_FACTS gotcha 3).
-        http = google_auth_httplib2.AuthorizedHttp(self.credentials, http=build_http())
+        transport = build_http()
+        transport.timeout = self.http_timeout  # each new socket gets it: a stalled answer raises TimeoutError
+        http = google_auth_httplib2.AuthorizedHttp(self.credentials, http=transport)
         if self.endpoint:
             doc = json.loads(get_static_doc("drive", "v3") or "{}")
             root = self.endpoint if self.endpoint.endswith("/") else self.endpoint + "/"
@@ -162,7 +178,7 @@ class DriveConnection:
     def execute(self, make: Callable[[Any], Any], *, what: str, writing: bool = False) -> Any:
         """Build a request with `make(client)` and run it with googleapiclient's retries; map what still
         fails to the taxonomy."""
-        for attempt in range(3):
+        for attempt in range(TRANSPORT_ATTEMPTS):
             try:
                 with self.client() as service:
                     request = make(service)
@@ -172,7 +188,7 @@ class DriveConnection:
                 raise map_http_error(exc, what=what, identity=self.identity, writing=writing) from exc
             except TRANSPORT_ERRORS as exc:
                 # A dropped connection the client did not retry itself (GCP_FACTS §1): try again.
-                if attempt == 2:
+                if attempt == TRANSPORT_ATTEMPTS - 1:
                     raise transport_error(exc) from exc
                 self.sleep(random.uniform(0.1, 1.0) * 2**attempt)  # noqa: S311 - jitter
         raise AssertionError("unreachable")  # pragma: no cover

@@ -2,8 +2,11 @@
 
 - listing: `'<id>' in parents and trashed = false` per folder, explicit `fields`, 1000 per page, paged
   until `nextPageToken` is absent (pages may be short or empty while more remain: GCP_FACTS gotcha 6);
-- discovery reads only each file's first bytes with a ranged GET (more only for very long headers);
-- downloads stream to disk in chunks, several files at once, each verified against Drive's md5.
+- discovery reads only each file's first bytes with a ranged GET (more only for very long headers); an
+  answer shorter than asked of a file the listing says is longer is a short read, retried with backoff,
+  then a TransientError (never taken for the end of the file: issue 9);
+- downloads stream to disk in chunks, several files at once, each verified against Drive's md5, and the
+  folder handed to dcm2niix is checked against the listing (count, sizes) before conversion.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from typing import Any
 from googleapiclient.http import MediaIoBaseDownload
 
 from dicomflow.adapters.drive.connection import NUM_RETRIES, DriveConnection
-from dicomflow.domain.failures import ChecksumMismatch, SeriesChanged, SourceNotFound, TransientError
+from dicomflow.domain.failures import (
+    ChecksumMismatch,
+    SeriesChanged,
+    ServiceUnavailable,
+    SourceNotFound,
+    TransientError,
+)
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.paths import encode_component, join
 from dicomflow.domain.series import FileRef, Ignored, IgnoredKind
@@ -31,6 +40,7 @@ GOOGLE_TYPES = "application/vnd.google-apps."
 LIST_FIELDS = "nextPageToken, files(id, name, mimeType, size, md5Checksum)"
 DOWNLOAD_CHUNK = 8 * 1024 * 1024
 DOWNLOAD_ATTEMPTS = 4
+READ_ATTEMPTS = 4
 _ALL = {"supportsAllDrives": True}
 
 
@@ -107,7 +117,18 @@ class DriveSource:
             request.headers["Range"] = f"bytes=0-{size - 1}"
             return request
 
-        return bytes(self._drive.execute(ranged, what=f"file {ref.path}"))
+        expected = min(size, ref.size) if ref.size > 0 else size
+        got = 0
+        for attempt in range(READ_ATTEMPTS):
+            data = bytes(self._drive.execute(ranged, what=f"file {ref.path}"))
+            if len(data) >= expected:
+                return data[:size]  # a server may ignore Range and send the whole file (200)
+            got = len(data)
+            self._drive.sleep(random.uniform(0.05, 0.5) * 2**attempt)  # noqa: S311 - capped jitter
+        raise ServiceUnavailable(
+            f"Google Drive kept answering short reads for file {ref.path} ({got} of {expected} bytes); "
+            "it will be retried"
+        )
 
     def refresh(self, refs: Sequence[FileRef]) -> list[FileRef]:
         def current(ref: FileRef) -> FileRef | None:
@@ -146,6 +167,7 @@ class DriveSource:
 
         with ThreadPoolExecutor(max_workers=min(self._drive.download_concurrency, max(1, len(refs)))) as pool:
             list(pool.map(one, enumerate(refs)))  # the first failure propagates; the series is retried whole
+        _check_against_listing(refs, dest_dir)
         return dest_dir
 
     def _download(self, ref: FileRef, target: Path, advance: Callable[[int], None]) -> None:
@@ -176,6 +198,19 @@ class DriveSource:
                 self._drive.sleep(random.uniform(0.05, 0.5) * 2**attempt)  # noqa: S311 - capped jitter
             else:
                 return
+
+
+def _check_against_listing(refs: Sequence[FileRef], dest_dir: Path) -> None:
+    """The folder dcm2niix will read holds exactly the listed files, each of its listed size (md5s were
+    checked while downloading): nothing missing, nothing cut short, nothing extra."""
+    present = {p.name: p.stat().st_size for p in dest_dir.iterdir() if p.is_file()}
+    expected = {f"{index:06d}.dcm": ref.size for index, ref in enumerate(refs)}
+    if present != expected:
+        wrong = sorted(name for name in present.keys() | expected.keys() if present.get(name) != expected.get(name))
+        raise ChecksumMismatch(
+            f"the downloaded files of this series do not match Drive's listing ({len(present)} files for "
+            f"{len(expected)} listed, {len(wrong)} differing); it will be retried"
+        )
 
 
 class _HashingWriter:
