@@ -251,6 +251,10 @@ class _Shape:
 
 
 _GRE_FIELDMAP: Final = frozenset({"magnitude", "magnitude1", "magnitude2", "phasediff", "phase1", "phase2"})
+# B0 fieldmaps, by kind: the files of one kind, acq and run form one fieldmap (BIDS "Types of fieldmaps":
+# a phase-difference or direct map with its magnitudes, or a set of reversed phase-encoding EPIs). RF
+# (B1) maps are not B0 fieldmaps and get neither IntendedFor nor B0FieldIdentifier from dicomflow.
+_B0_FAMILY: Final = {**dict.fromkeys((*_GRE_FIELDMAP, "fieldmap"), "gre"), "epi": "epi"}
 
 
 def _classify(out: _Output, rules: Sequence[Rule], shape: _Shape) -> _Named | str:
@@ -307,6 +311,10 @@ def _check(named: _Named, out: _Output) -> _Named | str:
         return f"a {named.datatype} {named.suffix} file needs the {missing[0]} entity{hint}"
     if named.datatype == "func" and "task" in named.entities:
         named.sidecar.setdefault("TaskName", named.entities["task"])
+    if named.entities.get("part") == "phase" and "Units" not in out.sidecar:
+        # BIDS requires Units ("rad" or "arbitrary") for phase images; dcm2niix writes the vendor's
+        # stored values unscaled, so they are in arbitrary units until someone rescales them.
+        named.sidecar.setdefault("Units", "arbitrary")
     merged = {**out.sidecar, **named.sidecar}
     absent = [k for k in schema.REQUIRED_SIDECAR.get((named.datatype, named.suffix), ()) if k not in merged]
     if absent:
@@ -492,18 +500,19 @@ def _link_fieldmaps(
     for key, out in placed.items():
         by_session[(out.subject, out.session)].append(key)
     for (_, session), members in by_session.items():
-        groups: dict[tuple[str, str], list[_Key]] = defaultdict(list)
+        groups: dict[tuple[str, str, str], list[_Key]] = defaultdict(list)
         for key in members:
-            if placed[key].datatype == "fmap":
+            family = _B0_FAMILY.get(placed[key].suffix) if placed[key].datatype == "fmap" else None
+            if family:
                 entities = dict(placed[key].entities)
-                groups[(entities.get("acq", ""), entities["run"])].append(key)
+                groups[(family, entities.get("acq", ""), entities["run"])].append(key)
         if not groups:
             continue
         targets = _fieldmap_targets(placed, members, groups, position)
         for group, keys in groups.items():
-            acq, run = group
-            ident = "_".join(p for p in ("fmap", f"ses{session}" if session else "", f"acq{acq}" if acq else "") if p)
-            ident = f"{ident}_run{run}"
+            family, acq, run = group
+            labels = (family, f"ses{session}" if session else "", f"acq{acq}" if acq else "", f"run{run}")
+            ident = "_".join(p for p in labels if p)
             uris = sorted(f"bids::{placed[t].nifti}" for t in targets.get(group, []))
             for key in keys:
                 updates = dict(placed[key].sidecar_updates)
@@ -520,14 +529,14 @@ def _link_fieldmaps(
 def _fieldmap_targets(
     placed: Mapping[_Key, PlannedOutput],
     members: Sequence[_Key],
-    groups: Mapping[tuple[str, str], Sequence[_Key]],
+    groups: Mapping[tuple[str, str, str], Sequence[_Key]],
     position: Mapping[str, int],
-) -> dict[tuple[str, str], list[_Key]]:
+) -> dict[tuple[str, str, str], list[_Key]]:
     """Each functional or diffusion output of a session goes with the fieldmap acquired last before it,
     or, when none was, the first one after it (a fieldmap corrects the runs that follow it until the
     subject moves or the next fieldmap; protocols that measure it at the end are the exception)."""
     starts = sorted((min(position[k[0]] for k in keys), group) for group, keys in groups.items())
-    targets: dict[tuple[str, str], list[_Key]] = defaultdict(list)
+    targets: dict[tuple[str, str, str], list[_Key]] = defaultdict(list)
     for key in members:
         if (placed[key].datatype, placed[key].suffix) not in schema.FIELDMAP_TARGETS:
             continue
