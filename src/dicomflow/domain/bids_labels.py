@@ -29,14 +29,14 @@ _SES: Final = re.compile(r"ses-(.*)", re.DOTALL)
 _HEADER_WORDS: Final = frozenset({"folder", "source", "source_folder", "path", "directory"})
 
 
-def validate_label(kind: str, value: str, *, field: str) -> str:
+def validate_label(kind: str, value: str, *, field: str, where: str = "") -> str:
     """`value` if it is a valid BIDS label; a `sub-`/`ses-` prefix is accepted and removed."""
     prefix = f"{kind}-"
     label = value[len(prefix) :] if value.startswith(prefix) else value
     if not schema.LABEL_PATTERN.fullmatch(label):
         noun = "subject" if kind == "sub" else "session"
         raise BidsConfigError(
-            f"invalid {noun} label {value!r}: BIDS labels are letters and digits only (e.g. 01, ctrl07, pre)",
+            f"invalid {noun} label {value!r}{where}: BIDS labels are letters and digits only (e.g. 01, ctrl07, pre)",
             field=field,
         )
     return label
@@ -107,7 +107,9 @@ def labels_for(rel_dir: str, policy: LabelPolicy) -> Labels | None:
             m = pattern.fullmatch(name)
             if m and kind not in found and kind not in invalid:
                 try:
-                    found[kind] = validate_label(kind, m.group(1), field=f"source folder {name!r}")
+                    found[kind] = validate_label(
+                        kind, m.group(1), field=f"source folder {name!r}", where=f" in the source folder {name!r}"
+                    )
                 except BidsConfigError as exc:
                     invalid[kind] = exc
     fallback = _fallback(names, policy)
