@@ -18,8 +18,6 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Final
 
-from dicomflow.adapters.thumbnails import ImageInfo
-
 # Warnings that mean the series may be incomplete (dicomflow's own wording in domain/conversion.py and
 # dcm2niix's console messages about missing slices or volumes).
 _INCOMPLETE: Final = (
@@ -39,6 +37,17 @@ border-bottom:1px solid #eee}th{background:#f6f6f6;font-weight:600}
 img{display:block;image-rendering:pixelated;background:#000;max-width:100%}
 code{font-size:.92em;word-break:break-all}ul{margin:.2em 0;padding-left:1.2em}.muted{color:#666}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What the report shows of a NIfTI image (filled by `adapters.thumbnails.describe`)."""
+
+    shape: tuple[int, ...]
+    voxel_size: tuple[float, ...]  # mm (and seconds for the 4th axis when the header says so)
+    volumes: int
+    thumbnail_png: bytes | None  # None when the image cannot be drawn (e.g. RGB or empty)
+    thumbnail_size: tuple[int, int] = (0, 0)  # (width, height) in pixels
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -22,19 +21,12 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
+from dicomflow.report import ImageInfo
+
 PANEL_HEIGHT: Final = 96
 MAX_PANEL_WIDTH: Final = 2 * PANEL_HEIGHT  # thin slabs would otherwise give long strips
 GAP: Final = 2  # pixels of black between panels
 _PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclass(frozen=True, slots=True)
-class ImageInfo:
-    shape: tuple[int, ...]
-    voxel_size: tuple[float, ...]  # mm (and seconds for the 4th axis when the header says so)
-    volumes: int
-    thumbnail_png: bytes | None  # None when the image cannot be drawn (e.g. RGB or empty)
-    thumbnail_size: tuple[int, int] = (0, 0)  # (width, height) in pixels
 
 
 def describe(path: Path) -> ImageInfo:
