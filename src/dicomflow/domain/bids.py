@@ -40,6 +40,10 @@ from dicomflow.domain.bids_rules import Rule, first_match
 from dicomflow.domain.paths import join
 
 UNCLASSIFIED_DIR: Final = "unclassified"
+NO_SUBJECT: Final = (
+    "no subject label: name its folder sub-<label>, pass --subject for a one-subject source, "
+    "or list its folder in the --subjects mapping file"
+)
 NIFTI_EXTENSIONS: Final = (".nii.gz", ".nii")
 _EXTENSIONS: Final = (*NIFTI_EXTENSIONS, ".json", ".bval", ".bvec")
 # dcm2niix output-name suffixes (nii_dicom_batch.cpp): _e<n> echo, _ph phase, _real, _imaginary.
@@ -381,13 +385,6 @@ def _unclassified(out: _Output, reason: str, labels: Labels | None) -> PlannedOu
     )
 
 
-def _no_subject_reason() -> str:
-    return (
-        "no subject label: name its folder sub-<label>, pass --subject for a one-subject source, "
-        "or list its folder in the --subjects mapping file"
-    )
-
-
 def plan_dataset(
     series: Iterable[ConvertedSeries],
     policy: LabelPolicy,
@@ -408,9 +405,12 @@ def plan_dataset(
         labels = labels_for(s.rel_dir, policy)
         shape = _Shape.of(outputs)
         for out in outputs:
-            result = _classify(out, rules, shape) if labels else _no_subject_reason()
-            if isinstance(result, str) or labels is None:
-                planned.append(_unclassified(out, result if isinstance(result, str) else _no_subject_reason(), labels))
+            if labels is None:
+                planned.append(_unclassified(out, NO_SUBJECT, None))
+                continue
+            result = _classify(out, rules, shape)
+            if isinstance(result, str):
+                planned.append(_unclassified(out, result, labels))
             else:
                 named[(s.series_id, out.stem)] = (out, result, labels)
     runs = _assign_runs(all_series, named, previous_runs or {})
