@@ -45,7 +45,8 @@ def test_render_escapes_user_data_and_shows_totals_and_reasons() -> None:
     html = render(SUMMARY, series())
     assert "Study &amp; &lt;co&gt;" in html and "sub-01/&lt;x&gt;" in html
     assert "nothing &lt;to&gt; convert" in html and "corrupt &quot;file&quot;" in html
-    assert "1:02:05" in html  # elapsed: 3725 s
+    assert "1:02:05" in html and "1:01" in html  # elapsed 3725 s, a series' 61 s
+    assert "0.0 s (download" in render(BatchSummary("b", "", "running", "mirror", 0, 0, 0, 0), [])
     assert "1970-01-01 01:02:05 UTC" in html
     assert '<li class="flag">some files of the series were not used</li>' in html
     assert "shape 4 &times; 5 &times; 6 &times; 2" in html and "2 volumes" in html
