@@ -5,6 +5,7 @@
 #   make lint    ruff + mypy (strict on src/)
 #   make bench   benchmarks (print ratios measured side by side)
 #   make dist    build dist/functions-source.zip for Terraform
+#   make lock    regenerate functions/requirements.txt (the hashed lock) after changing dependencies
 #   make dev     local dev stack: Firestore + Cloud Tasks emulators, functions, worker
 
 SHELL := /bin/bash
@@ -17,6 +18,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TASKS_VENV := .venv-tasks
 CHECKOV_VENV := .venv-checkov
+UV_VENV := .venv-uv
 STAMP := $(VENV)/.installed
 TIERS := unit contract integration emulator e2e infra
 # A test belongs to exactly one tier: the most demanding of its markers wins.
@@ -127,6 +129,18 @@ bench: $(STAMP)
 dist: $(STAMP)
 	$(PY) -m dicomflow.packaging dist/functions-source.zip
 
+# uv resolves the functions' lock for Cloud Functions' platform (CPython 3.11, x86-64 Linux), whatever this
+# machine is; it lives in its own virtualenv like the other tools.
+$(UV_VENV)/.installed:
+	@test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install --quiet 'uv==0.13.8'
+	@touch $@
+
+# Regenerate functions/requirements.txt (the hashed lock in the functions archive); needs PyPI.
+.PHONY: lock
+lock: $(STAMP) $(UV_VENV)/.installed
+	PATH=$(CURDIR)/$(UV_VENV)/bin:$$PATH $(PY) -m dicomflow.packaging lock
+
 .PHONY: dev
 dev: tools
 	DICOMFLOW_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(TASKS_VENV)/bin/python $(VENV)/bin/dicomflow dev
@@ -138,4 +152,4 @@ constraints: $(STAMP)
 
 .PHONY: clean
 clean:
-	rm -rf $(VENV) $(TASKS_VENV) $(CHECKOV_VENV) demo-out dist .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TASKS_VENV) $(CHECKOV_VENV) $(UV_VENV) demo-out dist .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache

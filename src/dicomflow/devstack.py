@@ -276,6 +276,9 @@ def dev_stack(
             value = getattr(settings, f)
             if value not in ("", None):
                 env[env_name(f)] = str(value)
+        # The worker's request timeout is the convert dispatch deadline plus a margin, as Terraform sets it on
+        # Cloud Run (the image's CMD leaves it to GUNICORN_CMD_ARGS; gunicorn's own default is 30 s).
+        env["GUNICORN_CMD_ARGS"] = f"--timeout={settings.dispatch_deadline_seconds + 30}"
         env.update(extra_env or {})
         stack.settings_env = env
         for name in (*FUNCTIONS, "worker"):
