@@ -4,6 +4,7 @@
 #   make test    install everything, start the emulators, run every test tier
 #   make lint    ruff + mypy (strict on src/)
 #   make bench   benchmarks (print ratios measured side by side)
+#   make soak    the cloud path's simulation over 100,000 seeds (CI runs 2,000)
 #   make dist    build dist/functions-source.zip for Terraform
 #   make lock    regenerate functions/requirements.txt (the hashed lock) after changing dependencies
 #   make dev     local dev stack: Firestore + Cloud Tasks emulators, functions, worker
@@ -20,10 +21,11 @@ TASKS_VENV := .venv-tasks
 CHECKOV_VENV := .venv-checkov
 UV_VENV := .venv-uv
 STAMP := $(VENV)/.installed
-TIERS := unit contract integration emulator e2e infra
+TIERS := unit contract simulation integration emulator e2e infra
 # A test belongs to exactly one tier: the most demanding of its markers wins.
 TIER_unit := unit
 TIER_contract := contract and not emulator and not e2e
+TIER_simulation := simulation
 TIER_integration := integration and not emulator and not e2e
 TIER_emulator := emulator and not e2e
 TIER_e2e := e2e
@@ -117,6 +119,10 @@ test-%: tools
 	DICOMFLOW_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(TASKS_VENV)/bin/python \
 	DICOMFLOW_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov \
 	$(PY) -m pytest -m "$(TIER_$*)" -p no:cacheprovider
+
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) -m tests.sim --seeds 100000 --jobs $$(nproc)
 
 .PHONY: bench
 bench: $(STAMP)

@@ -13,7 +13,7 @@ from dicomflow import bootstrap
 from dicomflow.config import Mode, Settings, load_settings
 from dicomflow.services.context import Context
 
-TIER_MARKERS = {"unit", "contract", "integration", "emulator", "e2e", "infra"}
+TIER_MARKERS = {"unit", "contract", "simulation", "integration", "emulator", "e2e", "infra"}
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 

@@ -44,12 +44,14 @@ class Rule:
     before: float = float("inf")
     times: int = 1
     skip: int = 0  # let this many matching calls through first
+    contains: str = ""  # ...and whose process name contains this (e.g. a generation: "-g0-")
 
     def matches(self, call: str, process: str, elapsed: float) -> bool:
         return (
             self.times > 0
             and call.startswith(self.call)
             and process.startswith(self.process)
+            and self.contains in process
             and self.after <= elapsed < self.before
         )
 
@@ -90,6 +92,8 @@ class FaultPlan:
         if self.sim.in_process():
             self.sim.sleep(self.sim.rng.uniform(0.0, latency))
         kind = self.decide(call)
+        if kind and kind.startswith("delay:"):
+            self.sim.sleep(float(kind.split(":", 1)[1]))  # a stalled call (GC pause, slow network)
         if kind == "crash_before":
             self.crash()
         if kind == "error_before":

@@ -54,6 +54,20 @@ class SimulationFailure(AssertionError):
     pass
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a task handler answered (status and the outcome in its body), and the series' generation
+    when the delivery arrived."""
+
+    queue: QueueName
+    task_id: str
+    status: int
+    outcome: str
+    payload: dict[str, Any]
+    item_generation: int | None
+    item_state: str = ""
+
+
 @dataclass
 class Scenario:
     """What varies between runs. `random_scenario` draws one from a seed; named scenarios set it."""
@@ -74,6 +88,12 @@ class Scenario:
     settings: dict[str, Any] = field(default_factory=dict)
     queue_exists: bool = True  # whether the queue can tell if a task exists (GetTask; the emulator cannot)
     convert_concurrency: int = 4
+    kinds: tuple[str, ...] = ()  # series kinds of the first source (default: drawn from the seed)
+    files: int = 0  # files per series (default: drawn from the seed)
+    list_seconds: float = 0.0  # how long listing a source takes on top of the usual
+    task_deadlines: dict[QueueName, float] | None = None  # what tasks carry (default: the settings')
+    poll_seconds: float = STATUS_POLL  # how often the client reads the batch's status
+    idempotency_keys: bool = True  # whether the client sends an Idempotency-Key (and repeats it on retries)
 
     def describe(self) -> str:
         return (
@@ -129,23 +149,29 @@ def sim_settings(**overrides: Any) -> Settings:
     return load_settings(environ={}, **values)
 
 
-class ObservedStore(MemoryStateStore):
-    """The in-memory store, recording every item transition for the invariant checks."""
+class Observed:
+    """A store (in memory, or Firestore on the emulator) recording every item transition for the checks.
+    The simulation runs one process at a time, so reading before and after a write sees that write alone."""
 
-    def __init__(self, sim: Sim, on_transition: Callable[[Item, Item], None]) -> None:
-        super().__init__(sim.clock)
+    def __init__(self, inner: StateStore, on_transition: Callable[[Item, Item], None]) -> None:
+        self._inner = inner
         self._on_transition = on_transition
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
     def update_item(self, batch_id: str, item_id: str, change: Any) -> tuple[Item, bool]:
-        before = self.get_item(batch_id, item_id)
-        after, changed = super().update_item(batch_id, item_id, change)
+        before = self._inner.get_item(batch_id, item_id)
+        after, changed = self._inner.update_item(batch_id, item_id, change)
         if changed:
             self._on_transition(before, after)
         return after, changed
 
 
 class Run:
-    def __init__(self, scenario: Scenario, work: Path, store: StateStore | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, work: Path, store: Callable[[Callable[[], float]], StateStore] | None = None
+    ) -> None:
         self.scenario = scenario
         self.sim = sim = Sim(scenario.seed)
         self.settings = sim_settings(**scenario.settings)
@@ -165,12 +191,15 @@ class Run:
                 self.batch_sources.append(self.batch_sources[0])
                 continue
             ref = f"/sim/source-{n}"
-            self.archives[ref] = make_archive(sim, f"source-{n}", count)
+            self.archives[ref] = make_archive(
+                sim, f"source-{n}", count, kinds=scenario.kinds if n == 0 else (), files=scenario.files,
+                list_seconds=scenario.list_seconds,
+            )  # fmt: skip
             self.batch_sources.append(ref)
         self.destinations = [str(self.dest_root / ("shared" if scenario.same_source_twice else f"d{n}"))
                              for n in range(scenario.batches)]  # fmt: skip
 
-        inner = store or ObservedStore(sim, self._transition)
+        inner: Any = Observed(store(sim.clock) if store else MemoryStateStore(sim.clock), self._transition)
         self.inner = inner
         self.converter = SimConverter(sim, self.archives, on_call=self._converter_called)
         self.source = SimSource(sim, self.archives)
@@ -188,7 +217,7 @@ class Run:
             },
             self._deliver,
             duplicate_rate=scenario.duplicate_rate,
-            deadlines={q: http.dispatch_deadline(self.settings, q) for q in QueueName},
+            deadlines=scenario.task_deadlines or {q: http.dispatch_deadline(self.settings, q) for q in QueueName},
         )
         queue = FaultyQueue(self.model if scenario.queue_exists else _NoGetTask(self.model), self.plan)
         from dicomflow.adapters.local.files import LocalFolderSink
@@ -209,6 +238,8 @@ class Run:
         self.batch_ids: list[str | None] = [None] * scenario.batches
         self.clients_done = 0
         self._dlq_generation: dict[object, int] = {}
+        self.answers: list[Answer] = []
+        self._permanent: set[tuple[str, str, int]] = set()  # (batch, item, generation) with a permanent failure
 
     # --- the edges, as Cloud Tasks and clients reach them ----------------------------------------------
 
@@ -228,10 +259,24 @@ class Run:
         request = Request(EnvironBuilder(method="POST", path="/", json=payload, headers=headers).get_environ())
         if queue is QueueName.DEAD_LETTER:
             self._dlq_generation[self.sim.current()] = int(payload.get("generation", 0))
+        generation_then, state_then = self._item_then(payload)
         try:
-            return http.handle_task_request(lambda: self.ctx, queue, request).status_code
+            response = http.handle_task_request(lambda: self.ctx, queue, request)
         finally:
             self._dlq_generation.pop(self.sim.current(), None)
+        body = response.get_json(silent=True) or {}
+        outcome = str(body.get("outcome", ""))
+        self.answers.append(
+            Answer(queue, attempt.task_id, response.status_code, outcome, dict(payload), generation_then, state_then)
+        )
+        return response.status_code
+
+    def _item_then(self, payload: dict[str, Any]) -> tuple[int | None, str]:
+        try:
+            item = self.inner.get_item(str(payload["batch_id"]), str(payload["item_id"]))
+        except Exception:  # not an item task, or an item not created yet
+            return None, ""
+        return item.generation, item.state.value
 
     def api(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """One request to the batch API function, in a process of its own (an instance that may crash);
@@ -255,7 +300,7 @@ class Run:
     def client(self, n: int) -> None:
         sim = self.sim
         body = {"source": self.batch_sources[n], "destination": self.destinations[n], "label": f"sim-{n}"}
-        headers = {"Idempotency-Key": f"sim-{self.scenario.seed}-{n}"}
+        headers = {"Idempotency-Key": f"sim-{self.scenario.seed}-{n}"} if self.scenario.idempotency_keys else {}
         sim.sleep(sim.rng.uniform(0, 120))
         batch_id = None
         while batch_id is None:
@@ -273,7 +318,7 @@ class Run:
             sim.spawn(f"canceller-{n}", self._cancel_later, batch_id)
         redriven = False
         while True:
-            sim.sleep(STATUS_POLL)
+            sim.sleep(self.scenario.poll_seconds)
             status, answer = self.api("GET", f"/batches/{batch_id}?page_size=1")
             if status != 200:
                 continue
@@ -315,6 +360,9 @@ class Run:
     # --- observers -----------------------------------------------------------------------------------------
 
     def _transition(self, before: Item, after: Item) -> None:
+        failure = after.failure
+        if failure is not None and failure.permanent and (after.handed_off or after.state is ItemState.DEAD_LETTERED):
+            self._permanent.add((after.batch_id, after.item_id, after.generation))
         if before.state is ItemState.SUCCEEDED and after.state is not ItemState.SUCCEEDED:
             self.violations.append(f"a success was overwritten: {_who(before)} became {after.state.value}")
         if after.generation < before.generation:
@@ -339,12 +387,11 @@ class Run:
         if match is None:
             self.violations.append(f"dcm2niix ran outside a convert task: {proc.name}")
             return
-        item = self.inner.get_item(match["batch"], match["item"])
-        failure = item.failure
-        permanent = failure is not None and failure.permanent
-        recorded = item.handed_off or item.state is ItemState.DEAD_LETTERED
-        if permanent and recorded and item.generation == int(match["generation"]):
-            self.violations.append(f"a permanent failure was converted again: {_who(item)} ({failure.code})")  # type: ignore[union-attr]
+        # Once a permanent failure was recorded in a generation (handed off or dead-lettered), no attempt of
+        # that generation may convert the series again, whatever happened to the record since.
+        if (match["batch"], match["item"], int(match["generation"])) in self._permanent:
+            item = self.inner.get_item(match["batch"], match["item"])
+            self.violations.append(f"a permanent failure was converted again: {_who(item)}")
 
     # --- running and checking ---------------------------------------------------------------------------
 
@@ -480,7 +527,8 @@ class _NoGetTask:
         return None
 
 
-def run_scenario(scenario: Scenario, store: StateStore | None = None) -> Run:
+def run_scenario(scenario: Scenario, store: Callable[[Callable[[], float]], StateStore] | None = None) -> Run:
+    """Run one scenario; `store` builds the StateStore from the simulated clock (default: in memory)."""
     work = Path(tempfile.mkdtemp(prefix=f"dicomflow-sim-{scenario.seed}-"))
     try:
         run = Run(scenario, work, store)

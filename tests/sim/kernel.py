@@ -195,6 +195,8 @@ class Sim:
                     self._current = None
                 continue
             if not self._timers:
+                if until is not None:
+                    self.now = max(self.now, until)  # nothing to do until then: time still passes
                 return
             when, _, proc, wake = self._timers[0]
             if until is not None and when > until:

@@ -3,7 +3,8 @@
 The sink is the real LocalFolderSink on a temporary folder (its idempotence is part of what is tested);
 everything else is a small model whose durations run on the simulated clock:
 - the archive: series of a few kinds (good, corrupt: dcm2niix exits 4, report: nothing to convert,
-  multi-output: an extra echo), with some non-DICOM files, in nested folders;
+  multi-output: an extra echo, fixable: corrupt until the user re-exports it, which a redrive reads
+  again, and then slow to convert), with some non-DICOM files, in nested folders;
 - downloads and conversions take simulated time proportional to their size, and some series are slow
   enough that a conversion outlives a lease (and must keep it alive by heartbeats);
 - the converter writes outputs whose bytes are a pure function of the series and its files, as dcm2niix's
@@ -25,6 +26,7 @@ from dicomflow.ports import ConverterRun, Progress, SkippedFile
 from tests.sim.kernel import Sim
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
+REEXPORTED = 1_000_000  # added to a file's size once the user has re-exported its series
 KINDS = ("good", "good", "good", "good", "multi", "corrupt", "report", "slow")
 
 
@@ -45,20 +47,24 @@ class Archive:
     name: str
     series: list[SeriesSpec]
     junk: list[str] = field(default_factory=list)  # files that are not DICOM
+    list_seconds: float = 0.0  # extra time a listing takes (a very large Drive folder)
 
     def by_uid(self) -> dict[str, SeriesSpec]:
         return {s.uid: s for s in self.series}
 
 
-def make_archive(sim: Sim, name: str, count: int) -> Archive:
+def make_archive(
+    sim: Sim, name: str, count: int, *, kinds: tuple[str, ...] = (), files: int = 0, list_seconds: float = 0.0
+) -> Archive:
+    """`kinds` and `files` fix what is otherwise drawn from the seed (named scenarios need them)."""
     series = []
     for n in range(count):
-        kind = sim.rng.choice(KINDS)
+        kind = kinds[n % len(kinds)] if kinds else sim.rng.choice(KINDS)
         uid = f"2.25.{sim.rng.getrandbits(48)}.{n}"
         folder = f"sub-{n % 3:02d}/ses-01/{n:02d}_{kind}"
-        series.append(SeriesSpec(uid, folder, n + 1, sim.rng.randint(2, 6), kind))
+        series.append(SeriesSpec(uid, folder, n + 1, files or sim.rng.randint(2, 6), kind))
     junk = [f"sub-{n:02d}/notes.txt" for n in range(sim.rng.randint(0, 2))]
-    return Archive(name, series, junk)
+    return Archive(name, series, junk, list_seconds)
 
 
 class SimSource:
@@ -81,14 +87,19 @@ class SimSource:
             yield from spec.refs()
         for path in archive.junk:
             yield FileRef(f"junk/{path}", path, 12)
-        self._sim.sleep(0.05 * len(archive.series))
+        self._sim.sleep(0.05 * len(archive.series) + archive.list_seconds)
 
     def read_prefix(self, ref: FileRef, size: int) -> bytes:
         raise AssertionError("the simulated scanner does not read prefixes")
 
     def refresh(self, refs: Sequence[FileRef]) -> list[FileRef]:
+        """The files as they are now: the user re-exported every series that was `fixable` (new sizes)."""
         self._sim.sleep(0.01 * len(refs))
-        return list(refs)
+        return [FileRef(r.ref, r.path, r.size + REEXPORTED, r.md5) if self._kind(r) == "fixable" else r for r in refs]
+
+    def _kind(self, ref: FileRef) -> str:
+        uid = ref.ref.rsplit("/", 1)[0]
+        return next((s.kind for a in self._archives.values() for s in a.series if s.uid == uid), "")
 
     def fetch(self, refs: Sequence[FileRef], dest_dir: Path, progress: Progress | None = None) -> Path:
         total = sum(r.size for r in refs)
@@ -99,7 +110,7 @@ class SimSource:
             if progress:
                 progress(done, total)
         dest_dir.mkdir(parents=True, exist_ok=True)
-        (dest_dir / "manifest.json").write_text(json.dumps([r.ref for r in refs]))
+        (dest_dir / "manifest.json").write_text(json.dumps([[r.ref, r.size] for r in refs]))
         self.fetches.append((self._sim.now, tuple(r.ref for r in refs)))
         return dest_dir
 
@@ -152,24 +163,28 @@ class SimConverter:
         *,
         timeout_seconds: float | None = None,
     ) -> ConverterRun:
-        refs = tuple(json.loads((input_dir / "manifest.json").read_text()))
+        manifest = json.loads((input_dir / "manifest.json").read_text())
+        refs = tuple(ref for ref, _ in manifest)
         uid = refs[0].rsplit("/", 1)[0]
         spec = self._series[uid]
+        kind = spec.kind
+        if kind == "fixable":
+            kind = "slow" if all(size >= REEXPORTED for _, size in manifest) else "corrupt"
         self.calls.append(ConverterCall(self._sim.now, uid, refs))
         if self._on_call:
             self._on_call(uid)
-        seconds = 5.0 + 2.0 * len(refs) + (900.0 if spec.kind == "slow" else 0.0)
+        seconds = 5.0 + 2.0 * len(refs) + (900.0 if kind == "slow" else 0.0)
         if timeout_seconds is not None and seconds > timeout_seconds:
             self._sim.sleep(timeout_seconds)
             raise ConverterTimeout(f"dcm2niix did not finish within {timeout_seconds:.0f} s (simulated)")
         self._sim.sleep(seconds)
         output_dir.mkdir(parents=True, exist_ok=True)
-        if spec.kind == "corrupt":
+        if kind == "corrupt":
             return ConverterRun(4, (), "Error: Unable to decode file (simulated corrupt file)", seconds)
-        if spec.kind == "report":
+        if kind == "report":
             return ConverterRun(2, (), "No valid DICOM images were found", seconds)
         digest = hashlib.sha256("\n".join([uid, *sorted(refs)]).encode()).hexdigest()
-        names = [f"{stem}.nii.gz", f"{stem}.json"] + ([f"{stem}_e2.nii.gz"] if spec.kind == "multi" else [])
+        names = [f"{stem}.nii.gz", f"{stem}.json"] + ([f"{stem}_e2.nii.gz"] if kind == "multi" else [])
         outputs = []
         for name in names:
             path = output_dir / name
