@@ -168,7 +168,9 @@ def test_every_task_delivered_twice_at_once_gives_the_same_outputs_and_counts(
     assert all(i["attempts"] == 1 for i in data["items"])  # the second delivery never converted again
     assert len(list((tmp_path / "out").rglob("*.nii.gz"))) == len(written)
     deliveries = [status for payload, status in interceptor.seen if payload.get("batch_id") == batch_id]
-    assert len(deliveries) >= 2 * len(written) and set(deliveries) == {200}
+    # A duplicate arriving while the first delivery still converts is answered "busy" (503: the task must
+    # stay alive in case that attempt fails); one arriving after it finished is a 200 no-op.
+    assert len(deliveries) >= 2 * len(written) and set(deliveries) <= {200, 503}
 
 
 def test_a_corrupt_series_is_dead_lettered_with_its_reason(

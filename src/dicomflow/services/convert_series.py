@@ -150,7 +150,9 @@ class _Budget:
     """Time left before the attempt must answer (from the request's start, not from dcm2niix's)."""
 
     def __init__(self, ctx: Context, attempt: Attempt) -> None:
-        margin = ctx.settings.answer_margin_seconds
+        # The margin leaves time to record the outcome and answer; with a short deadline (a dev stack, a
+        # test) it shrinks to a quarter of the deadline rather than eating all of it.
+        margin = min(float(ctx.settings.answer_margin_seconds), ctx.settings.dispatch_deadline_seconds / 4)
         self._ctx = ctx
         self._until = None if attempt.deadline_at is None else attempt.deadline_at - margin
 
