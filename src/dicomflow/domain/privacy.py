@@ -200,10 +200,11 @@ def _add_person(raw: str, words: set[str], name_parts: set[str]) -> None:
                 parts.extend(pieces)
                 if len(pieces) > 1:
                     words.add("".join(pieces))  # "O'Brien" typed as "OBrien", "Smith-Jones" as "SmithJones"
-            glued = {a + b for i, a in enumerate(parts) for j, b in enumerate(parts) if i != j}
-            glued |= {a[0] + b for i, a in enumerate(parts) for j, b in enumerate(parts) if i != j}
-            glued |= {a + b[0] for i, a in enumerate(parts) for j, b in enumerate(parts) if i != j}
+            pairs = [(a, b) for i, a in enumerate(parts) for j, b in enumerate(parts) if i != j]
+            glued = {a + b for a, b in pairs} | {a[0] + b for a, b in pairs} | {a + b[0] for a, b in pairs}
             words.update(parts)
+            # Glued forms shorter than 3 characters ("ax" from "A^X") are initials, not names.
+            glued = {g for g in glued if len(g) >= _MIN_NAME_RUN}
             words.update(glued)
             name_parts.update(p for p in (*parts, *glued) if len(p) >= _MIN_NAME_RUN and p.isalpha())
 
@@ -260,6 +261,8 @@ _SEP: Final = r"[-./_ ]"
 _SEP2: Final = r"[-./_ ,]{0,2}"
 _NOT_DIGIT_BEFORE: Final = r"(?<![0-9])"
 _NOT_DIGIT_AFTER: Final = r"(?![0-9])"
+# A day or month glued to letters is part of a name ("T1_Jan" is not the 1st of January); a year is not.
+_NOT_ALNUM_BEFORE: Final = r"(?<![0-9A-Za-z])"
 # "MAR_3mm" and "MAR_2.0" (metal artefact reduction) are not the 3rd or 2nd of March
 _END: Final = r"(?![0-9A-Za-z]|[.,][0-9])"
 _MON: Final = (
@@ -272,10 +275,10 @@ _DATE_PATTERNS: Final = tuple(
     re.compile(p, re.IGNORECASE)
     for p in (
         rf"{_NOT_DIGIT_BEFORE}{_Y4}{_SEP}{_M}{_SEP}{_D}(?:[T ]{_TIME})?{_NOT_DIGIT_AFTER}",  # 2024-01-31
-        rf"{_NOT_DIGIT_BEFORE}{_D}{_SEP}{_D}{_SEP}{_Y4}{_NOT_DIGIT_AFTER}",  # 31.01.2024, 01/31/2024
+        rf"{_NOT_ALNUM_BEFORE}{_D}{_SEP}{_D}{_SEP}{_Y4}{_NOT_DIGIT_AFTER}",  # 31.01.2024, 01/31/2024
         # two-digit years only with the same "-", "." or "/" twice, and not inside a dotted number (UIDs)
-        rf"(?<![0-9.]){_D}(?P<s>[-./]){_D}(?P=s){_Y2}(?![0-9]|\.[0-9])",  # 31.01.24, 01/31/24
-        rf"{_NOT_DIGIT_BEFORE}{_D}{_SEP2}{_MON}(?:{_SEP2}(?:{_Y4}|{_Y2}))?{_END}",  # 31-Jan-2024, 31JAN24
+        rf"(?<![0-9A-Za-z.]){_D}(?P<s>[-./]){_D}(?P=s){_Y2}(?![0-9]|\.[0-9])",  # 31.01.24, 01/31/24
+        rf"{_NOT_ALNUM_BEFORE}{_D}{_SEP2}{_MON}(?:{_SEP2}(?:{_Y4}|{_Y2}))?{_END}",  # 31-Jan-2024, 31JAN24
         rf"{_MON}{_SEP2}{_D}(?:{_SEP2}(?:{_Y4}|{_Y2}))?{_END}",  # Jan-31-2024, Jan 31
         rf"{_MON}{_SEP2}{_Y4}{_END}",  # January 2024
         rf"{_NOT_DIGIT_BEFORE}{_Y4}{_SEP2}{_MON}(?:{_SEP2}{_D})?{_END}",  # 2024-Jan-31
@@ -286,14 +289,14 @@ _DATE_PATTERNS: Final = tuple(
 # while five and more are MRNs, accession numbers, ZIP codes (HIPAA (B)), phone numbers and compact dates
 # (YYMMDD, YYYYMMDD, HHMMSS). The price: a five-digit b-value ("b10000") loses its number.
 _LONG_DIGITS: Final = re.compile(r"[0-9]{5,}")
-_DAY_MONTH: Final = re.compile(rf"{_NOT_DIGIT_BEFORE}([0-9]{{1,2}})[-./]([0-9]{{1,2}}){_NOT_DIGIT_AFTER}")
-_FOUR_DIGITS: Final = re.compile(rf"{_NOT_DIGIT_BEFORE}[0-9]{{4}}{_NOT_DIGIT_AFTER}")
+_DAY_MONTH: Final = re.compile(rf"{_NOT_ALNUM_BEFORE}([0-9]{{1,2}})[-./]([0-9]{{1,2}}){_END}")
+_FOUR_DIGITS: Final = re.compile(rf"{_NOT_DIGIT_BEFORE}[0-9]{{4}}{_END}")
 
 
 _Marker = Callable[[int, int], None]  # marks text[start:end] as removed
 
 
-def scrub_text(text: str, identifiers: Identifiers) -> str:
+def scrub_text(text: str, identifiers: Identifiers, *, patterns: bool = True) -> str:
     """`text` without the tokens that match `identifiers`, and without dates, times and long digit runs.
 
     A token is a run of letters and digits; everything else (`_`, `-`, spaces, dots) separates tokens.
@@ -305,9 +308,10 @@ def scrub_text(text: str, identifiers: Identifiers) -> str:
     * a part of a person's name of 3+ letters glued to other letters or digits ("T1Smith" -> "T1");
     * an ID of 4+ characters anywhere inside a token ("MRN12345678" loses the ID);
     * a multi-word institution, department, address or station name where its words follow one another;
-    * anything shaped like a date (20240131 and 240131 as digit runs; 2024-01-31, 31.01.2024,
-      01/31/2024, 31.01.24, Jan-31-2024, 31JAN2024, January 2024, 2024-Jan-31), a time of day (09:31),
-      a run of 5+ digits, and the day and month of the header's own dates ("0131", "31.01").
+    * with `patterns` (the default): anything shaped like a date (20240131 and 240131 as digit runs;
+      2024-01-31, 31.01.2024, 01/31/2024, 31.01.24, Jan-31-2024, 31JAN2024, January 2024, 2024-Jan-31),
+      a time of day (09:31), a run of 5+ digits, and the day and month of the header's own dates
+      ("0131", "31.01"). Without it only identifier tokens go (for values a site chose to keep).
 
     The rest is kept as it was, separators included; where tokens were removed, the separators around
     them collapse to one. Text in which nothing matches comes back unchanged. The trade-off: a token
@@ -322,13 +326,12 @@ def scrub_text(text: str, identifiers: Identifiers) -> str:
     def mark(start: int, end: int) -> None:
         removed[start:end] = b"\x01" * (end - start)
 
-    for pattern in _DATE_PATTERNS:
-        for m in pattern.finditer(text):
-            mark(m.start(), m.end())
-    for m in _LONG_DIGITS.finditer(text):
-        mark(m.start(), m.end())
-    if identifiers.dates:
-        _mark_known_dates(text, identifiers.dates, mark)
+    if patterns:
+        for pattern in (*_DATE_PATTERNS, _LONG_DIGITS):
+            for m in pattern.finditer(text):
+                mark(m.start(), m.end())
+        if identifiers.dates:
+            _mark_known_dates(text, identifiers.dates, mark)
     tokens = [(m.start(), m.end(), _fold(m.group())) for m in _TOKEN.finditer(text)]
     for start, end, folded in tokens:
         _mark_token(start, end, folded, identifiers, mark)
@@ -493,7 +496,8 @@ def scrub_path_component(name: str, identifiers: Identifiers, *, key: bytes) -> 
     if scrubbed == cleaned and cleaned.strip(".") != "":
         return cleaned
     scrubbed = scrubbed.strip(" ._-")
-    tag = hmac.new(key, _fold(name).encode("utf-8"), hashlib.sha256).hexdigest()[:_TAG_HEX]
+    # The name's words, not its spelling: "SMITH^JOHN" and "smith john" are one folder.
+    tag = hmac.new(key, " ".join(_words(name)).encode("utf-8"), hashlib.sha256).hexdigest()[:_TAG_HEX]
     return f"{scrubbed}-{tag}" if scrubbed else f"anon-{tag}"
 
 
@@ -624,8 +628,9 @@ def filter_sidecar(
 ) -> dict[str, object]:
     """The sidecar as it may be shared: allow-listed keys only, in dcm2niix's order.
 
-    Free-text values (FREE_TEXT_SIDECAR_KEYS and every key a site added) are scrubbed with `scrub_text`,
-    strings inside lists too (BidsGuess); a free-text value that scrubs to nothing is left out.
+    Free-text values (FREE_TEXT_SIDECAR_KEYS) are scrubbed with `scrub_text`, strings inside lists too
+    (BidsGuess); a free-text value that scrubs to nothing is left out. The values of keys a site added
+    lose identifier tokens but keep dates, times and numbers: the site asked for them (AcquisitionTime).
     """
     allowed = DEFAULT_SIDECAR_KEYS | {k for k in extra_keys if not is_always_dropped(k)}
     result: dict[str, object] = {}
@@ -633,7 +638,7 @@ def filter_sidecar(
         if key not in allowed or is_always_dropped(key):
             continue
         if key in FREE_TEXT_SIDECAR_KEYS or key in extra_keys:
-            scrubbed = _scrub_value(value, identifiers)
+            scrubbed = _scrub_value(value, identifiers, patterns=key in FREE_TEXT_SIDECAR_KEYS)
             if scrubbed not in ("", []):
                 result[key] = scrubbed
             continue
@@ -641,9 +646,9 @@ def filter_sidecar(
     return result
 
 
-def _scrub_value(value: object, identifiers: Identifiers) -> object:
+def _scrub_value(value: object, identifiers: Identifiers, *, patterns: bool) -> object:
     if isinstance(value, str):
-        return scrub_text(value, identifiers)
+        return scrub_text(value, identifiers, patterns=patterns)
     if isinstance(value, list):
-        return [_scrub_value(v, identifiers) for v in value]
+        return [_scrub_value(v, identifiers, patterns=patterns) for v in value]
     return value
