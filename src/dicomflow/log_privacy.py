@@ -56,7 +56,7 @@ def _is_pydicom(name: str) -> bool:
     return name == "pydicom" or name.startswith("pydicom.")
 
 
-def _exception_text(exc: BaseException, *, quoted: bool) -> str:
+def _exception_text(exc: BaseException) -> str:
     lines = []
     for chunk in traceback.TracebackException.from_exception(exc).format():
         for line in chunk.splitlines():
@@ -66,7 +66,7 @@ def _exception_text(exc: BaseException, *, quoted: bool) -> str:
                 lines.append(line)
                 continue
             redacted = redact_queries(line)
-            lines.append(redact_quoted(redacted) if quoted else redacted)
+            lines.append(redact_quoted(redacted))
     return "\n".join(lines)
 
 
@@ -84,7 +84,7 @@ class RedactingFilter(logging.Filter):
         if record.exc_info:
             exc = record.exc_info[1]
             if exc is not None:
-                message = f"{message}\n{_exception_text(exc, quoted=not ours)}"
+                message = f"{message}\n{_exception_text(exc)}"
             record.exc_info = None
             record.exc_text = None
         if record.stack_info:

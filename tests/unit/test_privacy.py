@@ -1,15 +1,28 @@
-"""The de-identification profile (domain/privacy.py, docs/privacy.md): identifiers planted in every attribute
-the profile knows are removed from descriptions, protocol names, folder names and sidecars; descriptions
-without identifiers survive intact; names keep their end."""
+"""The de-identification profile (docs/privacy.md): identifiers planted in every attribute the profile knows
+are removed from descriptions, protocol names, folder names and sidecars (domain/privacy.py); descriptions
+without identifiers survive intact; names keep their end; NIfTI header text fields keep nothing from free
+text (adapters/nifti_text.py); library log records cannot carry names (log_privacy.py)."""
 
 from __future__ import annotations
 
+import gzip
+import io
+import logging
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
+import httplib2
+import nibabel as nib
+import numpy as np
 import pytest
+from googleapiclient import http as googleapiclient_http
 from hypothesis import given
 from hypothesis import strategies as st
+from pydicom.datadict import tag_for_keyword
 
+from dicomflow.adapters.dicom_identifiers import KEYWORDS
+from dicomflow.adapters.nifti_text import NiftiFormatError, gzip_nifti, header_text, scrub_nifti
 from dicomflow.domain.privacy import (
     ALWAYS_DROPPED_SIDECAR_KEYS,
     DEFAULT_SIDECAR_KEYS,
@@ -22,6 +35,7 @@ from dicomflow.domain.privacy import (
     scrub_text,
     series_stem,
 )
+from dicomflow.log_privacy import RedactingFilter, guard
 
 pytestmark = pytest.mark.unit
 
@@ -424,3 +438,219 @@ def test_extra_keys_default_to_nothing() -> None:
 def test_a_description_made_only_of_identifiers_leaves_the_sidecar() -> None:
     kept = filter_sidecar({"SeriesDescription": "QUIXLEY ZORAN", "EchoTime": 0.03}, IDS)
     assert kept == {"EchoTime": 0.03}
+
+
+# --- NIfTI header text (adapters/nifti_text.py) ------------------------------------------------------------
+
+NIFTI_PLANTED = b"QUIXLEY"
+
+
+def _nifti(path: Path, *, version: int = 1, endian: str = "<", extension: bool = True) -> np.ndarray:
+    """A small image with PHI planted in every text field and in an extension; returns its voxels."""
+    data = (np.arange(4 * 5 * 3 * 2, dtype=np.int16).reshape(4, 5, 3, 2) * 7).astype(endian + "i2")
+    header_class = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+    image_class = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    header = header_class(endianness=endian)
+    image = image_class(data, np.eye(4), header=header)
+    image.header["descrip"] = b"TE=30;Time=93100.000;phase=1;QUIXLEY"
+    image.header["aux_file"] = b"QUIXLEY ZORAN"
+    image.header["intent_name"] = b"QUIXLEY"
+    if version == 1:
+        image.header["db_name"] = b"QUIXLEY"
+        image.header["data_type"] = b"QUIXLEY"
+    if extension:
+        image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"patient QUIXLEY ZORAN PID90817"))
+    nib.save(image, path)
+    return data
+
+
+def _raw(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("endian", ["<", ">"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_text_fields_keep_nothing_from_free_text(tmp_path: Path, version: int, endian: str, suffix: str) -> None:
+    path = tmp_path / f"img{suffix}"
+    voxels = _nifti(path, version=version, endian=endian)
+    before = _raw(path)
+    vox_offset = int(nib.load(path).dataobj.offset)  # the header field reads 0 once nibabel has loaded it
+    assert NIFTI_PLANTED in before
+
+    report = scrub_nifti(path)
+
+    after = _raw(path)
+    assert NIFTI_PLANTED not in after and b"PID90817" not in after
+    assert b"Time=" not in after
+    assert report.changed and "descrip" in report.fields and "aux_file" in report.fields
+    assert report.extension_bytes > 0
+    assert len(after) == len(before)
+    assert after[vox_offset:] == before[vox_offset:]  # voxel bytes untouched, in place
+    image = nib.load(path)
+    assert image.header["descrip"].tobytes().rstrip(b"\0") == b"TE=30;phase=1"
+    assert not image.header.extensions
+    assert np.array_equal(np.asarray(image.dataobj), voxels)
+    assert header_text(after)["aux_file"] == ""
+
+
+def test_a_clean_nifti_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "img.nii.gz"
+    _nifti(path)
+    scrub_nifti(path)
+    settled = path.read_bytes()
+    report = scrub_nifti(path)
+    assert not report.changed
+    assert path.read_bytes() == settled  # not rewritten
+
+
+def test_the_report_never_carries_the_removed_text(tmp_path: Path) -> None:
+    path = tmp_path / "img.nii"
+    _nifti(path)
+    assert "QUIXLEY" not in repr(scrub_nifti(path))
+
+
+def test_gzip_output_is_deterministic_and_readable(tmp_path: Path) -> None:
+    source = tmp_path / "img.nii"
+    _nifti(source, extension=False)
+    plain = source.read_bytes() + bytes(range(256)) * 9000  # more than one block
+    outputs = []
+    for threads in (1, 3):
+        src = tmp_path / f"t{threads}" / "img.nii"
+        src.parent.mkdir()
+        src.write_bytes(plain)
+        out = gzip_nifti(src, threads=threads)
+        assert not src.exists()
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]  # the thread count changes nothing
+    assert outputs[0][4:8] == b"\0\0\0\0"  # no time stamp
+    assert gzip.decompress(outputs[0]) == plain
+
+
+def test_multi_member_gzip_files_are_read_whole(tmp_path: Path) -> None:
+    source = tmp_path / "img.nii"
+    _nifti(source)
+    plain = source.read_bytes()
+    path = tmp_path / "img.nii.gz"
+    path.write_bytes(gzip.compress(plain[:400]) + gzip.compress(plain[400:]))
+    scrub_nifti(path)
+    after = gzip.decompress(path.read_bytes())
+    assert NIFTI_PLANTED not in after
+    assert len(after) == len(plain)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("x.nii", b"not a nifti file at all, long enough to hold a header" * 20),
+        ("x.txt", b""),
+        ("x.nii.gz", b"\x1f\x8b\x08\x00garbage"),
+    ],
+)
+def test_files_that_are_not_nifti_are_refused(tmp_path: Path, name: str, content: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(NiftiFormatError):
+        scrub_nifti(path)
+
+
+def test_a_truncated_gzip_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "img.nii.gz"
+    _nifti(path)
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(NiftiFormatError, match="truncated"):
+        scrub_nifti(path)
+
+
+# --- logs (log_privacy.py) ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """A handler guarded the way logs.configure must guard its handlers, on the root logger."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    guard(handler)
+    guard(handler)  # idempotent
+    assert sum(isinstance(f, RedactingFilter) for f in handler.filters) == 1
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+class _FlakyHttp:
+    """An httplib2-like transport: 503 once, then 200 (what makes googleapiclient log its retry)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def request(self, uri: str, method: str, **_: object) -> tuple[httplib2.Response, bytes]:
+        self.calls += 1
+        return httplib2.Response({"status": 503 if self.calls == 1 else 200}), b"{}"
+
+
+def test_googleapiclient_retry_warnings_do_not_leak_drive_queries(captured: io.StringIO) -> None:
+    query = "q=name+%3D+%27QUIXLEY%5EZORAN%27+and+%27root%27+in+parents&fields=files(id,name)"
+    uri = f"https://www.googleapis.com/drive/v3/files?{query}"
+    googleapiclient_http._retry_request(
+        _FlakyHttp(), 2, "request", lambda _s: None, lambda: 0.0, uri, "GET"
+    )  # the real library code path
+    text = captured.getvalue()
+    assert "googleapiclient.http WARNING Sleeping" in text  # the record is kept...
+    assert "https://www.googleapis.com/drive/v3/files?[redacted]" in text  # ...with the path, not the query
+    assert "QUIXLEY" not in text and "%27" not in text
+
+
+def test_library_messages_lose_queries_and_quoted_values(captured: io.StringIO) -> None:
+    api = logging.getLogger("googleapiclient.http")
+    api.warning("Retry #1 for media upload: PUT https://www.googleapis.com/upload/drive/v3/files?upload_id=QUIXLEY1")
+    api.warning("Invalid JSON content from response: %s", b'{"files": [{"name": "QUIXLEY ZORAN"}]}')
+    logging.getLogger("googleapiclient.discovery").debug("URL being requested: GET /drive/v3/files?q=QUIXLEY")
+    logging.getLogger("urllib3.connectionpool").warning(
+        "Retrying after connection broken by 'X': /drive/v3/files?q=name%3D%27QUIXLEY%27"
+    )
+    logging.getLogger("py.warnings").warning("dataset.py:12: UserWarning: Invalid value for VR PN: 'QUIXLEY^ZORAN'")
+    text = captured.getvalue()
+    assert "QUIXLEY" not in text
+    assert text.count("[redacted]") >= 5
+
+
+def test_pydicom_messages_are_withheld_whole(captured: io.StringIO) -> None:
+    logging.getLogger("pydicom").warning("The value length (7) of PN QUIXLEY is odd")
+    text = captured.getvalue()
+    assert "QUIXLEY" not in text and "pydicom reported a problem" in text
+
+
+def test_exceptions_keep_their_frames_but_not_their_queries(captured: io.StringIO) -> None:
+    def fetch_series() -> None:
+        raise RuntimeError(
+            "<HttpError 404 when requesting https://www.googleapis.com/drive/v3/files?q=%27QUIXLEY%27&alt=json "
+            "returned \"File 'QUIXLEY ZORAN.dcm' not found\">"
+        )
+
+    try:
+        fetch_series()
+    except RuntimeError:
+        logging.getLogger("dicomflow.services.convert_series").exception("download failed")
+        logging.getLogger("googleapiclient.http").exception("request failed")
+    text = captured.getvalue()
+    assert "QUIXLEY" not in text
+    assert "fetch_series" in text  # the traceback is still useful
+    assert "HttpError 404 when requesting https://www.googleapis.com/drive/v3/files?[redacted]" in text
+
+
+def test_dicomflow_events_are_left_as_they_are(captured: io.StringIO) -> None:
+    logging.getLogger("dicomflow.services.tasks").info("series %s done in %.1f s ('%s')", "ab12", 2.5, "T1w")
+    assert "dicomflow.services.tasks INFO series ab12 done in 2.5 s ('T1w')" in captured.getvalue()
+
+
+def test_the_adapter_reads_every_identifier_the_domain_knows() -> None:
+    assert KEYWORDS.keys() == IDENTIFIER_KEYS.keys()
+    assert all(tag_for_keyword(keyword) is not None for keyword in KEYWORDS.values())

@@ -113,11 +113,12 @@ def _clean_descrip(raw: bytes) -> bytes:
 
 
 def scrub_header(head: bytes) -> tuple[bytes, TextScrub]:
-    """`head` (the file's bytes up to `vox_offset`) with clean text fields and no extensions."""
+    """`head` (the file's first bytes, at least up to `vox_offset`) with clean text fields and no
+    extensions; bytes from `vox_offset` on are returned as they were."""
     layout = _layout(head)
     if len(head) < layout.vox_offset:
         raise NiftiFormatError("the header is cut short of vox_offset")
-    out = bytearray(head[: layout.vox_offset])
+    out = bytearray(head)
     changed: list[str] = []
     for name, (at, length) in layout.text.items():
         value = _clean_descrip(bytes(out[at : at + length])) if name == "descrip" else b""
@@ -184,17 +185,19 @@ def _decompressed(fh: BinaryIO) -> Iterator[bytes]:
 def _read_head(stream: Iterator[bytes]) -> tuple[bytes, bytes]:
     """(the bytes up to vox_offset, what was read beyond them)."""
     buffer = bytearray()
-    needed = _NIFTI2_SIZE + 4
+    needed = _NIFTI2_SIZE + 4  # enough to tell NIfTI-1 from NIfTI-2 and read vox_offset
+    known = False
     for data in stream:
         buffer += data
-        if len(buffer) >= needed:
-            needed = max(needed, _layout(bytes(buffer)).vox_offset)
-            if len(buffer) >= needed:
-                return bytes(buffer[:needed]), bytes(buffer[needed:])
-    layout = _layout(bytes(buffer))  # raises on a file too short to be NIfTI
-    if len(buffer) < layout.vox_offset:
+        if not known and len(buffer) >= needed:
+            needed, known = _layout(bytes(buffer)).vox_offset, True
+        if known and len(buffer) >= needed:
+            break
+    if not known:
+        needed = _layout(bytes(buffer)).vox_offset  # a file shorter than 544 bytes: raises if not NIfTI
+    if len(buffer) < needed:
         raise NiftiFormatError("the file ends inside its header")
-    return bytes(buffer[: layout.vox_offset]), bytes(buffer[layout.vox_offset :])
+    return bytes(buffer[:needed]), bytes(buffer[needed:])
 
 
 def _scrub_gzipped(path: Path, *, level: int, threads: int) -> TextScrub:
