@@ -46,6 +46,7 @@ _NIFTI2_MAGIC: Final = (4, (b"n+2\x00", b"ni2\x00"))
 _DESCRIP_KEEP: Final = re.compile(r"(?:TE|phase|mb)=[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?")
 
 GZIP_BLOCK: Final = 1 << 20  # uncompressed bytes per independently compressed block
+_READ: Final = 64 * 1024  # compressed bytes read at a time: checking a clean header inflates ~256 KiB, not 4 MiB
 _WINDOW: Final = 32 * 1024  # deflate's history: each block is primed with the previous block's last 32 KiB
 
 
@@ -167,7 +168,7 @@ def _decompressed(fh: BinaryIO) -> Iterator[bytes]:
     decoder = zlib.decompressobj(31)
     fed = False  # the current decoder has been given bytes of a member
     try:
-        while chunk := fh.read(GZIP_BLOCK):
+        while chunk := fh.read(_READ):
             while chunk:
                 fed = True
                 data = decoder.decompress(chunk)
