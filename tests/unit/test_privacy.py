@@ -187,6 +187,7 @@ def test_every_planted_identifier_is_removed(planted: str, template: str) -> Non
         ("T1_SaintQuillonNeuroHospital", "T1"),
         ("T1_Quillon", "T1"),
         ("T1 Hospital", "T1 Hospital"),  # a generic word of the institution name identifies nobody
+        ("Imaging_T1", "Imaging_T1"),  # nor of the department ("Tellmark Imaging")
         ("T1 Varnbridge Lane Oxtown", "T1 Lane"),  # address
         ("Tellmark_T1", "T1"),  # department
         ("T1_MRC35123", "T1"),  # station

@@ -101,6 +101,8 @@ _GENERIC_PLACE_WORDS: Final = _word_set(
     children childrens memorial foundation trust nhs saint sainte san santa street str strasse road avenue
     ave lane drive way plaza boulevard blvd suite floor building campus unit lab laboratory main north south
     east west new the and for und der die das des de la le les du di del mri mr ct pet scanner console host
+    neuro neurology neurosurgery neuroscience neurosciences cardio cardiology oncology pediatric pediatrics
+    paediatric paediatrics emergency orthopedics orthopaedics surgery internal nuclear body head brain spine
     """
 )
 _TOKEN: Final = re.compile(r"[^\W_]+")  # letters and digits of any script; "_" separates like "-" does
