@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -27,9 +28,13 @@ from dicomflow.domain.privacy import (
     ALWAYS_DROPPED_SIDECAR_KEYS,
     DEFAULT_SIDECAR_KEYS,
     IDENTIFIER_KEYS,
+    DirScrub,
     Identifiers,
+    destination_dir,
     filter_sidecar,
+    merge_dirs,
     parse_extra_keys,
+    scrub_dirs,
     scrub_path_component,
     scrub_rel_dirs,
     scrub_text,
@@ -348,14 +353,34 @@ def test_a_pseudonym_key_is_required() -> None:
         scrub_path_component("QUIXLEY", IDS, key=b"")
 
 
-def test_a_folder_shared_by_two_patients_is_scrubbed_with_both() -> None:
+def test_a_folder_shared_by_two_patients_is_named_by_neither() -> None:
     smith = Identifiers.from_values({"patient_name": "SMYTHE^ANNA"})
     jones = Identifiers.from_values({"patient_name": "JONAS^BEN"})
     dirs = scrub_rel_dirs([("import_SMYTHE/a", smith), ("import_SMYTHE/b", jones), ("sub-01/ses-01", jones)], key=KEY)
     top = {d.split("/")[0] for d in (dirs["import_SMYTHE/a"], dirs["import_SMYTHE/b"])}
-    assert len(top) == 1  # Jones' series land in the same, scrubbed folder
+    assert len(top) == 1  # Jones' series land in the same folder as Smith's...
+    assert re.fullmatch(r"anon-[0-9a-f]{10}", top.pop())  # ...named by neither: their scrubs disagreed
     assert "smythe" not in "".join(dirs.values()).casefold()
     assert dirs["sub-01/ses-01"] == "sub-01/ses-01"
+
+
+def test_folders_of_one_patient_keep_what_is_not_identifying() -> None:
+    dirs = scrub_rel_dirs([("exams_QUIXLEY/sub-01/ses-01", IDS), ("exams_QUIXLEY/sub-01/ses-02", IDS)], key=KEY)
+    first, second = dirs["exams_QUIXLEY/sub-01/ses-01"], dirs["exams_QUIXLEY/sub-01/ses-02"]
+    assert re.fullmatch(r"exams-[0-9a-f]{10}/sub-01/ses-01", first)
+    assert second == first.replace("ses-01", "ses-02")
+
+
+def test_what_a_scan_records_about_folders_names_nobody() -> None:
+    # Scans run in separate tasks; what they store must let the grouping step merge folders without
+    # holding identifiers or source names.
+    recorded = [s.to_dict() for s in scrub_dirs("QUIXLEY^ZORAN_20240131/MRI ACN7731/sub-01", IDS, key=KEY)]
+    text = json.dumps(recorded).casefold()
+    assert not [p for p in PLANTED if p.casefold() in text] and "20240131" not in text
+    restored = tuple(DirScrub.from_dict(d) for d in recorded)
+    merged = merge_dirs([restored])
+    assert re.fullmatch(r"anon-[0-9a-f]{10}/MRI-[0-9a-f]{10}/sub-01", destination_dir(restored, merged))
+    assert scrub_dirs("a/b", IDS, key=KEY)[1].folder != scrub_dirs("c/b", IDS, key=KEY)[1].folder  # by path
 
 
 # --- sidecars --------------------------------------------------------------------------------------------

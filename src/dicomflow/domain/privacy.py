@@ -34,10 +34,14 @@ __all__ = [
     "DEFAULT_SIDECAR_KEYS",
     "FREE_TEXT_SIDECAR_KEYS",
     "IDENTIFIER_KEYS",
+    "DirScrub",
     "Identifiers",
+    "destination_dir",
     "filter_sidecar",
     "is_always_dropped",
+    "merge_dirs",
     "parse_extra_keys",
+    "scrub_dirs",
     "scrub_path_component",
     "scrub_rel_dirs",
     "scrub_text",
@@ -480,6 +484,10 @@ _PATH_UNSAFE: Final = re.compile(r"[/\\\x00-\x1f\x7f]+")
 _TAG_HEX: Final = 10
 
 
+def _tag(key: bytes, text: str) -> str:
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()[:_TAG_HEX]
+
+
 def scrub_path_component(name: str, identifiers: Identifiers, *, key: bytes) -> str:
     """A source folder name, as it may appear in the destination tree.
 
@@ -498,37 +506,81 @@ def scrub_path_component(name: str, identifiers: Identifiers, *, key: bytes) -> 
     if scrubbed == cleaned and cleaned.strip(".") != "":
         return cleaned
     scrubbed = scrubbed.strip(" ._-")
-    # The name's words, not its spelling: "SMITH^JOHN" and "smith john" are one folder.
-    tag = hmac.new(key, " ".join(_words(name)).encode("utf-8"), hashlib.sha256).hexdigest()[:_TAG_HEX]
+    tag = _anonymous_tag(name, key)
     return f"{scrubbed}-{tag}" if scrubbed else f"anon-{tag}"
 
 
-def scrub_rel_dirs(series_dirs: Iterable[tuple[str, Identifiers]], *, key: bytes) -> dict[str, str]:
-    """Scrubbed destination folders for the source folders of a batch's series.
+def _anonymous_tag(name: str, key: bytes) -> str:
+    # The name's words, not its spelling: "SMITH^JOHN" and "smith john" are one folder.
+    return _tag(key, " ".join(_words(name)))
 
-    `series_dirs` pairs each series' folder (POSIX, relative to the source root; "" for the root) with its
-    identifiers. Each folder component is scrubbed with the identifiers of EVERY series at or below it:
-    a folder `exams_SMITH` that holds series of Smith and of Jones must lose "SMITH" for Jones' series too,
-    or the two would be written to different folders and Smith's name would reach the destination.
-    Returns {source folder: destination folder}.
+
+@dataclass(frozen=True, slots=True)
+class DirScrub:
+    """One folder of a series' source path, as discovery may record it: no source name in clear.
+
+    `folder` identifies the source folder (an HMAC of its path under the key), `name` is its name scrubbed
+    with this series' identifiers, `fallback` the name it gets when the series below it disagree.
     """
-    below: dict[str, Identifiers] = defaultdict(Identifiers)
-    dirs: set[str] = set()
-    for raw_dir, identifiers in series_dirs:
-        rel_dir = raw_dir.strip("/")
-        dirs.add(rel_dir)
-        parts = rel_dir.split("/") if rel_dir else []
-        for depth in range(1, len(parts) + 1):
-            prefix = "/".join(parts[:depth])
-            below[prefix] = below[prefix].union(identifiers)
-    result: dict[str, str] = {}
-    for rel_dir in sorted(dirs):
-        parts = rel_dir.split("/") if rel_dir else []
-        scrubbed = [
-            scrub_path_component(part, below["/".join(parts[: depth + 1])], key=key) for depth, part in enumerate(parts)
-        ]
-        result[rel_dir] = posixpath.join(*scrubbed) if scrubbed else ""
-    return result
+
+    folder: str
+    name: str
+    fallback: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"folder": self.folder, "name": self.name, "fallback": self.fallback}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> DirScrub:
+        return cls(str(data["folder"]), str(data["name"]), str(data["fallback"]))
+
+
+def scrub_dirs(rel_dir: str, identifiers: Identifiers, *, key: bytes) -> tuple[DirScrub, ...]:
+    """Every folder of `rel_dir` (POSIX, relative to the source root) scrubbed with one series'
+    identifiers: what a scan records, in memory while it holds the header, instead of the path."""
+    parts = [p for p in rel_dir.strip("/").split("/") if p]
+    return tuple(
+        DirScrub(
+            folder=_tag(key, "\x00".join(parts[: depth + 1])),
+            name=scrub_path_component(part, identifiers, key=key),
+            fallback=f"anon-{_anonymous_tag(part, key)}",
+        )
+        for depth, part in enumerate(parts)
+    )
+
+
+def merge_dirs(per_series: Iterable[tuple[DirScrub, ...]]) -> dict[str, str]:
+    """The destination name of every folder, from the scrubs of ALL series of a batch.
+
+    A folder gets the name its series agree on. When they disagree, it gets its fallback `anon-<tag>`: a
+    folder `import_SMITH` holding series of Smith and of Jones is `import-<tag>` for Smith's series but
+    `import_SMITH` for Jones' (his identifiers do not know "SMITH"); writing Jones' series under the name
+    his scrub left would publish Smith's name. Agreement is safe: a name every series produced contains
+    none of their identifiers. Returns {DirScrub.folder: destination name}.
+    """
+    names: dict[str, set[str]] = defaultdict(set)
+    fallbacks: dict[str, str] = {}
+    for scrubs in per_series:
+        for scrub in scrubs:
+            names[scrub.folder].add(scrub.name)
+            fallbacks[scrub.folder] = scrub.fallback
+    return {folder: next(iter(seen)) if len(seen) == 1 else fallbacks[folder] for folder, seen in names.items()}
+
+
+def destination_dir(scrubs: tuple[DirScrub, ...], merged: Mapping[str, str]) -> str:
+    """The destination folder (POSIX, relative) of a series whose folders scrubbed to `scrubs`."""
+    return posixpath.join(*(merged[s.folder] for s in scrubs)) if scrubs else ""
+
+
+def scrub_rel_dirs(series_dirs: Iterable[tuple[str, Identifiers]], *, key: bytes) -> dict[str, str]:
+    """`scrub_dirs` + `merge_dirs` + `destination_dir` in one process: {source folder: destination folder}
+    for the folders of a batch's series, each given with its series' identifiers."""
+    pairs = list(series_dirs)
+    scrubbed: dict[str, list[tuple[DirScrub, ...]]] = {rel_dir.strip("/"): [] for rel_dir, _ in pairs}
+    for rel_dir, identifiers in pairs:
+        scrubbed[rel_dir.strip("/")].append(scrub_dirs(rel_dir, identifiers, key=key))
+    merged = merge_dirs(s for scrubs in scrubbed.values() for s in scrubs)
+    return {rel_dir: destination_dir(scrubs[0], merged) for rel_dir, scrubs in sorted(scrubbed.items())}
 
 
 # --------------------------------------------------------------------------------------- sidecars
