@@ -175,6 +175,10 @@ def test_every_planted_identifier_is_removed(planted: str, template: str) -> Non
         ("ep2d_ZoranQuixley_AP", "ep2d_AP"),  # glued forms people type
         ("ep2d_ZQuixley_AP", "ep2d_AP"),
         ("T1QUIXLEY", "T1"),  # a name glued to a sequence name
+        ("QUIXLEYep2d_AP", "ep2d_AP"),  # glued where the case changes
+        ("ep2dZoranQuixley", "ep2d"),
+        ("QuixleyZoranVex_T1", "T1"),  # three parts glued
+        ("fieldmap_quixleyish", "fieldmap_quixleyish"),  # glued in one case: not cut (see the docstring)
         ("T2_li_wu", "T2"),  # two-letter names are names
         ("T2_Wu_Li_ax", "T2_ax"),
         ("T2 VEX", "T2"),  # a three-letter middle name
@@ -319,6 +323,20 @@ def test_no_token_of_the_result_is_a_name_part(words: list[str], name: str, sep:
     ids = Identifiers.from_values({"patient_name": f"{name}^X"})
     text = sep.join([*words[:3], name, *words[3:]])
     assert name.casefold() not in tokens(scrub_text(text, ids))
+
+
+def test_a_removal_that_forms_a_date_removes_the_date_too() -> None:
+    assert scrub_text("T1_2024_QUIXLEY_01_31_sag", IDS) == "T1_sag"
+    assert scrub_text("dwi_123_ACN7731_45_AP", IDS) == "dwi_123_45_AP"  # joined digits stay separate tokens
+
+
+@given(
+    st.lists(st.sampled_from(["QUIXLEY", "Zoran", "2024", "01", "31", "_", " ", "-", "ep2d", "AP", "7"])).map("".join)
+)
+def test_scrubbing_twice_changes_nothing_more(text: str) -> None:
+    once = scrub_text(text, IDS)
+    assert scrub_text(once, IDS) == once
+    assert not tokens(once) & {"quixley", "zoran"}
 
 
 def test_path_components_keep_ordinary_names_and_hide_patient_names() -> None:

@@ -142,7 +142,8 @@ class Identifiers:
 
     # a token (a run of letters and digits) equal to one of these is removed
     words: frozenset[str] = field(default_factory=frozenset)
-    # parts of people's names (3+ letters): also removed where they form a run of letters inside a token
+    # alphabetic parts of people's names: removed inside a token where a run of letters is one part of 3+
+    # letters, or is made of several parts and initials ("T1Smith", "JohnSmith", "JSmith")
     name_parts: frozenset[str] = field(default_factory=frozenset)
     # IDs (4+ characters): removed wherever they occur inside a token
     fragments: frozenset[str] = field(default_factory=frozenset)
@@ -196,7 +197,8 @@ class Identifiers:
 
 def _add_person(raw: str, words: set[str], name_parts: set[str]) -> None:
     """Every part of a person's name, of any length (a two-letter family name is still a name; HIPAA (A)),
-    plus the glued forms people type: "JohnSmith", "SmithJohn", "JSmith", "SmithJ", "OBrien"."""
+    and each component with its pieces glued ("O'Brien" typed "OBrien"). Parts glued to each other
+    ("JohnSmith") are found by `_is_name_run`."""
     for value in _values(raw):
         for group in value.split("="):  # alphabetic = ideographic = phonetic representations
             components = group.split("^")[:_PN_COMPONENTS_KEPT]
@@ -206,13 +208,8 @@ def _add_person(raw: str, words: set[str], name_parts: set[str]) -> None:
                 parts.extend(pieces)
                 if len(pieces) > 1:
                     words.add("".join(pieces))  # "O'Brien" typed as "OBrien", "Smith-Jones" as "SmithJones"
-            pairs = [(a, b) for i, a in enumerate(parts) for j, b in enumerate(parts) if i != j]
-            glued = {a + b for a, b in pairs} | {a[0] + b for a, b in pairs} | {a + b[0] for a, b in pairs}
             words.update(parts)
-            # Glued forms shorter than 3 characters ("ax" from "A^X") are initials, not names.
-            glued = {g for g in glued if len(g) >= _MIN_NAME_RUN}
-            words.update(glued)
-            name_parts.update(p for p in (*parts, *glued) if len(p) >= _MIN_NAME_RUN and p.isalpha())
+            name_parts.update(p for p in parts if p.isalpha())
 
 
 def _add_ids(raw: str, words: set[str], fragments: set[str]) -> None:
@@ -308,10 +305,11 @@ def scrub_text(text: str, identifiers: Identifiers, *, patterns: bool = True) ->
     A token is a run of letters and digits; everything else (`_`, `-`, spaces, dots) separates tokens.
     Removed, case- and accent-insensitively:
 
-    * a token equal to a part of a person's name (any length: "Li", "Wu", "J"), to two parts glued
-      together ("JohnSmith", "JSmith"), to an ID or a part of it (3+ characters), or to a distinctive
-      word of the institution, department, address or station;
-    * a part of a person's name of 3+ letters glued to other letters or digits ("T1Smith" -> "T1");
+    * a token equal to a part of a person's name (any length: "Li", "Wu", "J"), to an ID or a part of it
+      (3+ characters), or to a distinctive word of the institution, department, address or station;
+    * inside a token, letters between changes of case or next to digits that are a name part of 3+
+      letters, or several name parts and initials one of which has 3+ letters ("T1Smith" -> "T1",
+      "JohnSmith", "JSmith", "QUIXLEYep2d" -> "ep2d");
     * an ID of 4+ characters anywhere inside a token ("MRN12345678" loses the ID);
     * a multi-word institution, department, address or station name where its words follow one another;
     * with `patterns` (the default): anything shaped like a date (20240131 and 240131 as digit runs;
@@ -325,6 +323,16 @@ def scrub_text(text: str, identifiers: Identifiers, *, patterns: bool = True) ->
     phantom named "fMRI" turns its own "fMRI_rest_PA" into "rest_PA"); other series are scrubbed with
     their own identifiers and keep theirs.
     """
+    # Removing a token joins its neighbours, which can form a new match ("2024_SMITH_01_31" becomes the
+    # date "2024_01_31"): passes repeat until nothing changes. Each pass only removes, so this ends.
+    while True:
+        scrubbed = _scrub_once(text, identifiers, patterns=patterns)
+        if scrubbed == text:
+            return scrubbed
+        text = scrubbed
+
+
+def _scrub_once(text: str, identifiers: Identifiers, *, patterns: bool) -> str:
     if not text:
         return text
     removed = bytearray(len(text))
@@ -339,8 +347,8 @@ def scrub_text(text: str, identifiers: Identifiers, *, patterns: bool = True) ->
         if identifiers.dates:
             _mark_known_dates(text, identifiers.dates, mark)
     tokens = [(m.start(), m.end(), _fold(m.group())) for m in _TOKEN.finditer(text)]
-    for start, end, folded in tokens:
-        _mark_token(start, end, folded, identifiers, mark)
+    for start, end, _ in tokens:
+        _mark_token(start, end, text[start:end], identifiers, mark)
     if identifiers.phrases:
         _mark_phrases(tokens, identifiers.phrases, mark)
     return _rebuild(text, removed)
@@ -357,7 +365,8 @@ def _mark_known_dates(text: str, dates: frozenset[tuple[int, int, int]], mark: _
             mark(m.start(), m.end())
 
 
-def _mark_token(start: int, end: int, folded: str, identifiers: Identifiers, mark: _Marker) -> None:
+def _mark_token(start: int, end: int, token: str, identifiers: Identifiers, mark: _Marker) -> None:
+    folded = _fold(token)
     if folded in identifiers.words:
         mark(start, end)
         return
@@ -371,12 +380,40 @@ def _mark_token(start: int, end: int, folded: str, identifiers: Identifiers, mar
             else:
                 mark(start, end)
     if identifiers.name_parts:
-        for run in _LETTERS.finditer(folded):
-            if run.group() in identifiers.name_parts:
-                if aligned:
-                    mark(start + run.start(), start + run.end())
-                else:
-                    mark(start, end)
+        for run in _LETTERS.finditer(token):
+            _mark_name_runs(start + run.start(), run.group(), identifiers.name_parts, mark)
+
+
+def _mark_name_runs(start: int, letters: str, parts: frozenset[str], mark: _Marker) -> None:
+    """Names glued to other words inside a run of letters, cut where the case changes: "JohnSmith",
+    "QUIXLEYep", "ZoranEPI" all hold a name between two case changes. A name glued in one case to a
+    word in the same case ("smithbold") is not found: cutting anywhere would also cut "Field" out of
+    "fieldmap" for a patient named Field."""
+    cuts = [0, *(i for i in range(1, len(letters)) if letters[i].isupper() != letters[i - 1].isupper()), len(letters)]
+    for i, a in enumerate(cuts):
+        for b in cuts[i + 1 :]:
+            if _is_name_run(_fold(letters[a:b]), parts):
+                mark(start + a, start + b)
+
+
+def _is_name_run(run: str, parts: frozenset[str]) -> bool:
+    """`run` (letters only) is one name part of 3+ letters, or splits into name parts and initials with at
+    least one part of 3+ letters. Short parts alone stay: the initial "T" never touches "T1"."""
+    if run in parts:
+        return len(run) >= _MIN_NAME_RUN
+    pieces = parts | {p[0] for p in parts}
+    # reach[i]: run[:i] splits into pieces; long[i]: one of them has 3+ letters
+    reach = [True] + [False] * len(run)
+    long = [False] * (len(run) + 1)
+    for i in range(len(run)):
+        if not reach[i]:
+            continue
+        for piece in pieces:
+            if run.startswith(piece, i):
+                j = i + len(piece)
+                reach[j] = True
+                long[j] = long[j] or long[i] or len(piece) >= _MIN_NAME_RUN
+    return long[len(run)]
 
 
 def _mark_phrases(tokens: list[tuple[int, int, str]], phrases: frozenset[tuple[str, ...]], mark: _Marker) -> None:
