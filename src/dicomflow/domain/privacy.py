@@ -12,8 +12,8 @@ Three things are decided here:
 * free text (SeriesDescription, ProtocolName, folder names) loses exactly the tokens that match an
   identifier of the same header, and anything shaped like a date, a time of day or a long digit run
   (`scrub_text`); the rest is kept so `ep2d_DTI_20_dir_AP` keeps its meaning;
-* output names: `series_stem` (file names) and `scrub_path_component` / `scrub_rel_dirs` (mirrored
-  folders);
+* output names: `series_stem` (file names), and for mirrored folders `scrub_dirs` (per series, at scan
+  time) + `merge_dirs` (over the batch) or `scrub_rel_dirs` (both in one process);
 * JSON sidecars go through an allow-list of dcm2niix keys (`filter_sidecar`).
 """
 
@@ -135,8 +135,8 @@ def _values(raw: str) -> list[str]:
 class Identifiers:
     """What identifies the people, places and dates of one series, in the form `scrub_text` matches.
 
-    Built with `from_values`; combine several with `union` (a folder that holds series of several
-    patients is scrubbed with all of their identifiers). The repr never shows the values, so an
+    Built with `from_values`; combine several with `union` (the values of a series' first and last
+    files, when an operator or station changed mid-series). The repr never shows the values, so an
     Identifiers that slips into a log line or an exception message leaks nothing.
     """
 
