@@ -8,6 +8,8 @@ clock) instead of patching.
 
 from __future__ import annotations
 
+import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from typing import Any
 
 from dicomflow import logs
 from dicomflow.adapters.dcm2niix import Dcm2niixConverter
+from dicomflow.adapters.deidentify import ProfileDeidentifier
 from dicomflow.adapters.dicom_headers import SequentialScanner, ThreadedScanner
 from dicomflow.adapters.heartbeat import ThreadHeartbeat
 from dicomflow.adapters.local.files import LocalFolderSink, LocalFolderSource
@@ -25,10 +28,12 @@ from dicomflow.adapters.local.sqlite_store import SqliteStateStore
 from dicomflow.config import Mode, Settings
 from dicomflow.domain.failures import ConfigError
 from dicomflow.domain.locations import LocationKind
+from dicomflow.domain.privacy import parse_extra_keys
 from dicomflow.ports import (
     Attempt,
     ChangeFeed,
     Converter,
+    Deidentifier,
     HeaderScanner,
     Heartbeat,
     QueueName,
@@ -60,6 +65,7 @@ def build(
     change_feed: Callable[[], ChangeFeed] | None = None,
     heartbeat: Heartbeat | None = None,
     new_id: Callable[[int], str] | None = None,
+    deidentifier: Deidentifier | None = None,
 ) -> Context:
     clock = clock or time.time
     if settings.mode is Mode.LOCAL:
@@ -81,10 +87,10 @@ def build(
         converter=converter or Dcm2niixConverter(settings.convert_timeout_seconds),
         sources=sources or {LocationKind.LOCAL: LocalFolderSource, LocationKind.DRIVE: lambda: drive().source()},
         sinks=sinks or {LocationKind.LOCAL: LocalFolderSink, LocationKind.DRIVE: lambda: drive().sink()},
-        scanners=scanners
-        or {LocationKind.LOCAL: SequentialScanner(), LocationKind.DRIVE: ThreadedScanner(DRIVE_SCAN_THREADS)},
+        scanners=scanners or _scanners(settings),
         work_dir=work_dir or _work_dir(settings),
         heartbeat=heartbeat or ThreadHeartbeat(),
+        deidentifier=deidentifier or _deidentifier(settings),
         clock=clock,
         scan_parallelism=parallelism,
         change_feed=change_feed or (lambda: drive().change_feed()),
@@ -95,6 +101,42 @@ def build(
     if new_id is not None:
         ctx.new_id = new_id
     return ctx
+
+
+def _scanners(settings: Settings) -> dict[LocationKind, HeaderScanner]:
+    key = pseudonym_key(settings)
+    return {LocationKind.LOCAL: SequentialScanner(key), LocationKind.DRIVE: ThreadedScanner(DRIVE_SCAN_THREADS, key)}
+
+
+def _deidentifier(settings: Settings) -> Deidentifier:
+    try:
+        extra = parse_extra_keys(settings.sidecar_extra_keys)
+    except ValueError as exc:
+        raise ConfigError(f"DICOMFLOW_SIDECAR_EXTRA_KEYS: {exc}") from None
+    # Local workers already use every core: the fast compression level; the cloud worker has time to spare.
+    return ProfileDeidentifier(extra, gzip_level=4 if settings.mode is Mode.LOCAL else 6)
+
+
+def pseudonym_key(settings: Settings) -> bytes:
+    """The secret de-identified folder names are derived from (docs/privacy.md). Locally one per
+    destination, created on first use next to the state (0600; never published: .dicomflow is not an
+    output). In the cloud it must be configured (Terraform passes it from Secret Manager)."""
+    if settings.pseudonym_key:
+        return bytes.fromhex(settings.pseudonym_key)
+    if settings.mode is not Mode.LOCAL or not settings.state_path:
+        raise ConfigError(
+            "cloud mode needs DICOMFLOW_PSEUDONYM_KEY (64+ hex characters; infra/ keeps it in Secret Manager)"
+        )
+    path = Path(settings.state_path).expanduser().parent / "pseudonym.key"
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return bytes.fromhex(path.read_text(encoding="ascii").strip())
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path} ({exc.strerror}); choose a destination you can write to") from None
+    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    return bytes.fromhex(path.read_text(encoding="ascii").strip())
 
 
 def _work_dir(settings: Settings) -> Path:

@@ -66,6 +66,12 @@ class Settings:
     sidecar_extra_keys: str = _setting(
         "", "comma-separated JSON sidecar keys to keep beyond the privacy allow-list (docs/privacy.md); off by default"
     )
+    pseudonym_key: str = _setting(
+        "",
+        "hex secret (32+ bytes) that de-identified folder names are derived from; local mode keeps one per "
+        "destination in DEST/.dicomflow/pseudonym.key, the cloud reads it from Secret Manager",
+        secret=True,
+    )
     memory_budget_mb: int = _setting(0, "refuse series needing more memory/disk than this (0 = no limit)")
     download_concurrency: int = _setting(16, "parallel downloads per series from Drive")
     expand_chunk_files: int = _setting(1000, "files per expansion task when a source is large")
@@ -255,7 +261,15 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
         lambda v: len(v) <= 256,
         "must be at most 256 characters (Drive's channel token limit)",
     ),
+    ("pseudonym_key", lambda v: v == "" or _is_hex_key(v), "must be at least 32 bytes written in hex"),
 ]
+
+
+def _is_hex_key(value: str) -> bool:
+    try:
+        return len(bytes.fromhex(value)) >= 32
+    except ValueError:
+        return False
 
 
 def _validate(settings: Settings) -> None:

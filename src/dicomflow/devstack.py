@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -279,6 +280,9 @@ def dev_stack(
         # The worker's request timeout is the convert dispatch deadline plus a margin, as Terraform sets it on
         # Cloud Run (the image's CMD leaves it to GUNICORN_CMD_ARGS; gunicorn's own default is 30 s).
         env["GUNICORN_CMD_ARGS"] = f"--timeout={settings.dispatch_deadline_seconds + 30}"
+        # One pseudonym key for every component of this stack (scan tasks of one batch must agree on folder
+        # names); a real deployment keeps it in Secret Manager.
+        env[env_name("pseudonym_key")] = settings.pseudonym_key or secrets.token_hex(32)
         env.update(extra_env or {})
         stack.settings_env = env
         for name in (*FUNCTIONS, "worker"):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomflow import bootstrap, logs
+from dicomflow.adapters.local.private import private_dir, private_file
 from dicomflow.adapters.local.queue import LocalRunner, RunStats, SqliteTaskQueue, drain
 from dicomflow.config import Settings
 from dicomflow.domain.failures import ConfigError
@@ -66,13 +67,14 @@ class StateBusy(ConfigError):
 def state_lock(state_path: Path) -> Iterator[None]:
     lock_path = state_path.with_name(state_path.name + ".lock")
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(lock_path.parent)
     except OSError as exc:
         raise ConfigError(
             f"cannot create the state folder {lock_path.parent} ({exc.strerror}); choose a destination folder "
             "you can write to, or keep the state elsewhere with --state FILE"
         ) from None
     with lock_path.open("a+", encoding="utf-8") as handle:
+        private_file(lock_path)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from dicomflow.adapters.local.private import private_dir, private_file
 from dicomflow.config import LogFormat, Settings
+from dicomflow.log_privacy import guard
 
 _HANDLER_MARK = "_dicomflow_handler"
 
@@ -82,8 +84,9 @@ def configure(settings: Settings, *, stream: IO[str] | None = None, file: Path |
             handler.close()
     handlers: list[logging.Handler] = []
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(file.parent)
         local = logging.FileHandler(file, encoding="utf-8")
+        private_file(file)  # a local log may name source files by path: the user's eyes only
         local.setFormatter(_LocalJsonFormatter())
         handlers.append(local)
     else:
@@ -95,10 +98,14 @@ def configure(settings: Settings, *, stream: IO[str] | None = None, file: Path |
             text.setFormatter(_TextFormatter())
             handlers.append(text)
     for handler in handlers:
+        # First: records of client libraries (googleapiclient logs request URIs with Drive queries, which
+        # name folders; pydicom quotes tag values) are redacted before anything formats them.
+        guard(handler)
         handler.addFilter(_EventFilter())
         setattr(handler, _HANDLER_MARK, True)
         root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    logging.captureWarnings(True)  # library warnings go through the same redacting handlers
     # Client libraries are chatty at INFO and may log request URLs; keep them at WARNING.
     for noisy in ("googleapiclient", "google", "urllib3", "grpc", "werkzeug", "gunicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from dicomflow.domain.locations import Location
 from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState, OutputFile
+from dicomflow.domain.privacy import Identifiers
 from dicomflow.domain.series import ConversionOptions, FileRef, Ignored, ScanResult
 
 Progress = Callable[[int, int], None]
@@ -117,6 +118,22 @@ class Converter(Protocol):
     ) -> ConverterRun:
         """Convert every DICOM file in `input_dir` (one series) into `output_dir`, named from `stem`; stop
         after `timeout_seconds` (default: the converter's own limit) with ConverterTimeout."""
+
+
+class Deidentifier(Protocol):
+    """The de-identification profile (docs/privacy.md) applied to one series' dcm2niix outputs: the same
+    code in local mode and in the cloud (DESIGN.md invariant 6)."""
+
+    @property
+    def version(self) -> str:
+        """Enters every fingerprint: outputs made under an older profile are made again."""
+
+    def identifiers(self, input_dir: Path) -> Identifiers:
+        """The identifying values of the series in `input_dir` (read from its DICOM headers, never stored)."""
+
+    def apply(self, outputs: Sequence[Path], identifiers: Identifiers, *, compress: bool) -> tuple[Path, ...]:
+        """Scrub the outputs in place (sidecars through the allow-list, NIfTI header text) and compress the
+        NIfTI when asked; returns the files to publish (names may change: .nii becomes .nii.gz)."""
 
 
 class QueueName(StrEnum):

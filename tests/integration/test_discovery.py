@@ -143,12 +143,29 @@ def test_a_header_longer_than_the_prefix_is_read_further(tmp_path: Path) -> None
     assert reads[0] == PREFIX_BYTES and len(reads) == 2
 
 
-def test_a_series_description_holding_patient_identifiers_is_dropped(tmp_path: Path) -> None:
+def test_a_series_description_loses_exactly_the_patients_identifiers(tmp_path: Path) -> None:
     patient = phi_patient("DESC")
-    spec = SeriesSpec(kind="ct", slices=2, patient=patient, series_description=f"head {patient.patient_id}")
+    family, given = patient.name.split("^")[:2]
+    spec = SeriesSpec(kind="ct", slices=2, patient=patient,
+                      series_description=f"head {patient.patient_id} {given} axial_{family}")  # fmt: skip
     written = write_series(tmp_path / "s", spec, seed=2)
     result = _scan(written.paths[0])
-    assert isinstance(result, DicomHeader) and result.series_description == ""
+    assert isinstance(result, DicomHeader) and result.series_description == "head axial"
+    for value in (patient.patient_id, given, family):
+        assert value.lower() not in result.series_description.lower()
+
+
+def test_folders_are_recorded_as_keyed_scrubs_never_by_name(tmp_path: Path) -> None:
+    patient = phi_patient("FOLD")
+    family = patient.name.split("^")[0]
+    written = write_series(tmp_path / "s", SeriesSpec(kind="ct", slices=2, patient=patient), seed=4)
+    data = written.paths[0].read_bytes()
+    result = scan_one(lambda n: data[:n], len(data), folder=["exports", f"{family}_exam"], key=b"k" * 32)
+    assert isinstance(result, DicomHeader)
+    names = [f.name for f in result.folders]
+    assert names[0] == "exports" and family.lower() not in names[1].lower() and names[1].startswith("exam-")
+    other_key = scan_one(lambda n: data[:n], len(data), folder=["exports", f"{family}_exam"], key=b"j" * 32)
+    assert isinstance(other_key, DicomHeader) and other_key.folders[1].name != names[1]  # the tag is keyed
 
 
 def test_folder_listing_and_scanners_agree(tmp_path: Path) -> None:

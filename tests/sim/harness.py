@@ -35,6 +35,7 @@ from dicomflow.config import Settings, load_settings
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import BATCH_FINAL, Batch, BatchStatus, Item, ItemState
 from dicomflow.domain.retry import CONTROL_POLICY
+from dicomflow.domain.series import SeriesKey
 from dicomflow.ports import Attempt, QueueName, StateStore
 from dicomflow.services.context import Context
 from dicomflow.services.reconcile import convert_task_lost_after, expansion_stalled_after
@@ -42,7 +43,7 @@ from tests.fakes.memory_store import MemoryStateStore
 from tests.sim.cloud_tasks import CloudTasksModel, QueueConfig
 from tests.sim.faults import FaultPlan, Faulty, FaultyQueue, Rule
 from tests.sim.kernel import Sim, SimEvent
-from tests.sim.world import Archive, SimConverter, SimHeartbeat, SimScanner, SimSource, make_archive
+from tests.sim.world import MR, Archive, NoProfile, SimConverter, SimHeartbeat, SimScanner, SimSource, make_archive
 
 _CONVERT_TASK = re.compile(r"convert-(?P<batch>[A-Za-z0-9_]+)-(?P<item>[0-9a-f]{32})-g(?P<generation>\d+)-t\d+")
 RECONCILE_EVERY = 600.0  # Cloud Scheduler's period in infra/scheduler.tf
@@ -234,6 +235,7 @@ class Run:
             work_dir=work / "scratch",
             heartbeat=SimHeartbeat(sim),
             new_id=sim.new_id,
+            deidentifier=NoProfile(),
         )
         self.batch_ids: list[str | None] = [None] * scenario.batches
         self.clients_done = 0
@@ -469,8 +471,8 @@ class Run:
             self._check_outputs(Path(dest), recorded)
 
     def _check_nothing_lost(self, batch: Batch, items: list[Item], archive: Archive) -> None:
-        expected = {s.uid for s in archive.series}
-        found = {i.series_uid for i in items}
+        expected = {SeriesKey(s.uid, MR).item_id for s in archive.series}
+        found = {i.item_id for i in items}
         if batch.status is BatchStatus.CANCELLED and found <= expected:
             return  # cancelled while expanding: fewer series, never others
         if found != expected:

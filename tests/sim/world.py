@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dicomflow.domain.failures import ConverterTimeout
 from dicomflow.domain.locations import Location
+from dicomflow.domain.privacy import Identifiers
 from dicomflow.domain.series import ConversionOptions, DicomHeader, FileRef, Ignored, IgnoredKind, ScanResult
 from dicomflow.ports import ConverterRun, Progress, SkippedFile
 from tests.sim.kernel import Sim
@@ -192,6 +193,19 @@ class SimConverter:
             outputs.append(path)
         console = f"Convert {len(refs)} DICOM as {output_dir / stem} (64x64x{len(refs)}x1)\n"
         return ConverterRun(0, tuple(sorted(outputs)), console, seconds)
+
+
+class NoProfile:
+    """The simulated converter's outputs are not NIfTI: the profile (tested on real outputs elsewhere)
+    leaves them as they are."""
+
+    version = "none"
+
+    def identifiers(self, input_dir: Path) -> Identifiers:
+        return Identifiers()
+
+    def apply(self, outputs: Sequence[Path], identifiers: Identifiers, *, compress: bool) -> tuple[Path, ...]:
+        return tuple(outputs)
 
 
 class _SimBeating:

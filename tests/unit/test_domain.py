@@ -148,7 +148,6 @@ def _item(state: ItemState = ItemState.PENDING, **changes: object) -> model.Item
     item = model.Item(
         batch_id="b",
         item_id="i",
-        series_uid="1.1",
         sop_class_uid=MR,
         fingerprint="f",
         dest_key="d",

@@ -13,6 +13,7 @@ from typing import Any
 from dicomflow.domain.failures import Failure
 from dicomflow.domain.locations import parse_location
 from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState, OutputFile, Timings
+from dicomflow.domain.privacy import DirScrub
 from dicomflow.domain.series import ConversionOptions, DicomHeader, FileRef, Ignored, IgnoredKind, ScanResult
 from dicomflow.ports import ExpansionChunk, PendingFolder, SkippedFile, WatchChannel
 
@@ -84,7 +85,6 @@ def item_to_dict(item: Item, *, with_files: bool = True) -> dict[str, Any]:
     data: dict[str, Any] = {
         "batch_id": item.batch_id,
         "item_id": item.item_id,
-        "series_uid": item.series_uid,
         "sop_class_uid": item.sop_class_uid,
         "fingerprint": item.fingerprint,
         "dest_key": item.dest_key,
@@ -128,7 +128,6 @@ def item_from_dict(data: Mapping[str, Any], files: tuple[FileRef, ...] | None = 
     return Item(
         batch_id=str(data["batch_id"]),
         item_id=str(data["item_id"]),
-        series_uid=str(data["series_uid"]),
         sop_class_uid=str(data["sop_class_uid"]),
         fingerprint=str(data["fingerprint"]),
         dest_key=str(data["dest_key"]),
@@ -174,6 +173,7 @@ def scan_to_dict(result: ScanResult) -> dict[str, Any]:
         "m": result.modality,
         "d": result.series_description,
         "t": list(result.image_type),
+        "f": [f.to_dict() for f in result.folders],
     }
 
 
@@ -189,6 +189,7 @@ def scan_from_dict(data: Mapping[str, Any]) -> ScanResult:
         modality=str(data.get("m", "")),
         series_description=str(data.get("d", "")),
         image_type=tuple(data.get("t") or ()),
+        folders=tuple(DirScrub.from_dict(f) for f in data.get("f") or ()),
     )
 
 

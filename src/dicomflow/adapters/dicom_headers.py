@@ -6,8 +6,9 @@ prefix with `stop_when=<group > 0x0020>` grouped 11,390/11,390 files correctly a
 not a full header (Siemens CSA headers exceed 300 KB) — it is used for grouping only, and read longer
 only when the grouping tags were not reached.
 
-Patient identifiers are read here for one purpose: to drop a SeriesDescription that contains them (it
-becomes part of output file names). They are never returned.
+Patient identifiers are read here for one purpose: to scrub them out of the SeriesDescription and the
+file's folder names before anything is recorded (domain/privacy.py, docs/privacy.md). They are never
+returned.
 
 A failed read is never taken for a fact about the file (issue 9: a transient fault must not change what
 is converted). "Not DICOM", "empty" and "truncated" come from bytes actually read; a read that returns
@@ -22,6 +23,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import posixpath
 import struct
 import warnings
 import zlib
@@ -31,6 +33,8 @@ from typing import Any
 
 from dicomflow.adapters.dicom_fastscan import WANTED, Truncated, Unsupported, read_fast
 from dicomflow.domain.failures import DicomflowError, TransientError
+from dicomflow.domain.paths import decode_component, split
+from dicomflow.domain.privacy import Identifiers, scrub_dirs, scrub_text
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, IgnoredKind, ScanResult
 from dicomflow.ports import Source
 
@@ -71,7 +75,7 @@ def _looks_like_raw_dicom(data: bytes) -> bool:
     )
 
 
-def parse_header(data: bytes, *, complete: bool) -> ScanResult:
+def parse_header(data: bytes, *, complete: bool, folder: str | Sequence[str] = "", key: bytes = b"") -> ScanResult:
     """Interpret the first bytes of a file. `complete` says whether `data` is the whole file (so a
     parse that runs out of bytes means a truncated file rather than a short prefix).
 
@@ -90,11 +94,19 @@ def parse_header(data: bytes, *, complete: bool) -> ScanResult:
             raise NeedMore from None
         return Ignored(IgnoredKind.TRUNCATED, "ends inside its header")
     except Unsupported:
-        return _parse_with_pydicom(data, complete=complete, has_preamble=has_preamble)
-    return _header_from(fast.values, need_more=not fast.reached_end and not complete, ended_early=not fast.reached_end)
+        return _parse_with_pydicom(data, complete=complete, has_preamble=has_preamble, folder=folder, key=key)
+    return _header_from(
+        fast.values,
+        need_more=not fast.reached_end and not complete,
+        ended_early=not fast.reached_end,
+        folder=folder,
+        key=key,
+    )
 
 
-def _parse_with_pydicom(data: bytes, *, complete: bool, has_preamble: bool) -> ScanResult:
+def _parse_with_pydicom(
+    data: bytes, *, complete: bool, has_preamble: bool, folder: str | Sequence[str] = "", key: bytes = b""
+) -> ScanResult:
     """The slow, general path: big endian, deflate, other character sets, odd files."""
     # Imported here: most files never need it, and importing pydicom costs a quarter of a second.
     from pydicom.errors import InvalidDicomError  # noqa: PLC0415
@@ -123,7 +135,11 @@ def _parse_with_pydicom(data: bytes, *, complete: bool, has_preamble: bool) -> S
             kind = IgnoredKind.TRUNCATED if isinstance(exc, EOFError | struct.error) else IgnoredKind.UNREADABLE
             return Ignored(kind, type(exc).__name__)
     return _header_from(
-        values, need_more=not reached_end_of_grouping and not complete, ended_early=not reached_end_of_grouping
+        values,
+        need_more=not reached_end_of_grouping and not complete,
+        ended_early=not reached_end_of_grouping,
+        folder=folder,
+        key=key,
     )
 
 
@@ -146,9 +162,16 @@ def _values_from_dataset(ds: Any) -> dict[str, str]:
     return values
 
 
-def _header_from(values: Mapping[str, str], *, need_more: bool, ended_early: bool) -> ScanResult:
+def _header_from(
+    values: Mapping[str, str], *, need_more: bool, ended_early: bool, folder: str | Sequence[str] = "", key: bytes = b""
+) -> ScanResult:
     """The grouping fields from raw values. `need_more`: the prefix ended before group 0x0020 did;
-    `ended_early`: the data ended before it (in a whole file, a sign of truncation)."""
+    `ended_early`: the data ended before it (in a whole file, a sign of truncation).
+
+    The identifiers of the header (patient, people, institution, dates: `Identifiers.from_values`) are
+    used here and dropped: the description keeps what is left after scrubbing them out, and the file's
+    folder (`folder`, relative to the source) is recorded only as scrubs under the pseudonym `key`
+    (privacy.scrub_dirs) — no identifier and no source name outlives this function."""
     sop_class = values.get("sop_class") or values.get("media_sop_class", "")
     if sop_class == DICOMDIR_SOP_CLASS:
         return Ignored(IgnoredKind.DICOMDIR)
@@ -162,10 +185,9 @@ def _header_from(values: Mapping[str, str], *, need_more: bool, ended_early: boo
         kind = IgnoredKind.TRUNCATED if ended_early else IgnoredKind.NO_SERIES
         return Ignored(kind, "missing " + ", ".join(missing))
 
-    description = values.get("series_description") or values.get("protocol_name", "")
-    if any(token in description.lower() for token in _phi_tokens(values)):
-        # Never let a patient identifier typed into the description reach an output file name.
-        description = ""
+    identifiers = Identifiers.from_values(values)
+    description = scrub_text(values.get("series_description") or values.get("protocol_name", ""), identifiers)
+    folders = scrub_dirs(folder, identifiers, key=key) if key else ()
     image_type = tuple(v.strip() for v in values.get("image_type", "").split("\\") if v.strip())
     return DicomHeader(
         series_uid=series_uid,
@@ -175,17 +197,8 @@ def _header_from(values: Mapping[str, str], *, need_more: bool, ended_early: boo
         modality=values.get("modality", ""),
         series_description=description,
         image_type=image_type,
+        folders=folders,
     )
-
-
-def _phi_tokens(values: Mapping[str, str]) -> list[str]:
-    tokens: list[str] = []
-    for key in ("patient_name", "patient_id", "patient_birth_date", "other_patient_ids"):
-        raw = values.get(key, "")
-        for part in raw.replace("^", " ").replace("=", " ").replace("\\", " ").split():
-            if len(part) >= 3:
-                tokens.append(part.lower())
-    return tokens
 
 
 def _series_number(raw: str | None) -> int | None:
@@ -221,7 +234,9 @@ def _read(read_prefix: Callable[[int], bytes], want: int) -> bytes | Ignored:
         return Ignored(IgnoredKind.UNREADABLE, reason)
 
 
-def scan_one(read_prefix: Callable[[int], bytes], size: int) -> ScanResult:
+def scan_one(
+    read_prefix: Callable[[int], bytes], size: int, *, folder: str | Sequence[str] = "", key: bytes = b""
+) -> ScanResult:
     """Read as little of one file as needed to group it. `size` is the file's size from the listing.
 
     Raises a TransientError (ShortRead, ReadFailed, or the source's own) when a read failed in a way
@@ -241,7 +256,7 @@ def scan_one(read_prefix: Callable[[int], bytes], size: int) -> ScanResult:
             )
         complete = want >= size
         try:
-            return parse_header(data, complete=complete)
+            return parse_header(data, complete=complete, folder=folder, key=key)
         except NeedMore:
             if complete:  # pragma: no cover - parse_header never asks for more of a complete file
                 break
@@ -251,27 +266,33 @@ def scan_one(read_prefix: Callable[[int], bytes], size: int) -> ScanResult:
     return Ignored(IgnoredKind.UNREADABLE, "header longer than 16 MiB")
 
 
-def _scan_ref(source: Source, ref: FileRef) -> ScanResult:
+def _scan_ref(source: Source, ref: FileRef, key: bytes) -> ScanResult:
     # No catch-all here: an error nobody classified is a bug or an unmapped network fault, and the scan
     # task must fail (and be retried) rather than silently drop the file from its series.
-    return scan_one(lambda n: source.read_prefix(ref, n), ref.size)
+    folders = [decode_component(c) for c in split(posixpath.dirname(ref.path))]  # names as the source has them
+    return scan_one(lambda n: source.read_prefix(ref, n), ref.size, folder=folders, key=key)
 
 
 class SequentialScanner:
-    """Scans in the calling thread; parallelism comes from fanning chunks out over the queue's workers."""
+    """Scans in the calling thread; parallelism comes from fanning chunks out over the queue's workers.
+    `key` is the destination's pseudonym key: folders are recorded as keyed scrubs (docs/privacy.md)."""
+
+    def __init__(self, key: bytes = b"") -> None:
+        self._key = key
 
     def scan(self, source: Source, refs: Sequence[FileRef]) -> list[ScanResult]:
-        return [_scan_ref(source, ref) for ref in refs]
+        return [_scan_ref(source, ref, self._key) for ref in refs]
 
 
 class ThreadedScanner:
     """Scans with a thread pool: for remote sources, where each read is a network round trip."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, key: bytes = b"") -> None:
         self._threads = max(1, threads)
+        self._key = key
 
     def scan(self, source: Source, refs: Sequence[FileRef]) -> list[ScanResult]:
         if len(refs) <= 1:
-            return [_scan_ref(source, ref) for ref in refs]
+            return [_scan_ref(source, ref, self._key) for ref in refs]
         with ThreadPoolExecutor(max_workers=min(self._threads, len(refs))) as pool:
-            return list(pool.map(lambda ref: _scan_ref(source, ref), refs))
+            return list(pool.map(lambda ref: _scan_ref(source, ref, self._key), refs))

@@ -174,9 +174,11 @@ CANCELLED = "the batch was cancelled before this series was converted"
 
 @dataclass(frozen=True, slots=True)
 class Item:
+    """One series of a batch. Its SeriesInstanceUID is not kept (PS3.15 treats UIDs as identifiers):
+    `item_id` is a hash of it and the SOPClassUID (SeriesKey.item_id)."""
+
     batch_id: str
     item_id: str
-    series_uid: str
     sop_class_uid: str
     fingerprint: str
     dest_key: str
@@ -238,7 +240,6 @@ def new_item(batch: Batch, group: SeriesGroup, fingerprint: str, now: float, *, 
     return Item(
         batch_id=batch.batch_id,
         item_id=group.key.item_id,
-        series_uid=group.key.series_uid,
         sop_class_uid=group.key.sop_class_uid,
         fingerprint=fingerprint,
         dest_key=batch.destination.key,
@@ -247,7 +248,9 @@ def new_item(batch: Batch, group: SeriesGroup, fingerprint: str, now: float, *, 
         series_number=group.series_number,
         modality=group.modality,
         description=group.description,
-        files=group.files,
+        # Files are kept by reference (a local path, a Drive id) and position in the series, never by their
+        # source name: a Siemens export puts the patient's name into every file name (docs/privacy.md).
+        files=tuple(replace(f, path=str(n)) for n, f in enumerate(group.files, 1)),
         state=state,
         created_at=now,
         updated_at=now,

@@ -25,7 +25,7 @@ import posixpath
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -572,10 +572,11 @@ class DirScrub:
         return cls(str(data["folder"]), str(data["name"]), str(data["fallback"]))
 
 
-def scrub_dirs(rel_dir: str, identifiers: Identifiers, *, key: bytes) -> tuple[DirScrub, ...]:
-    """Every folder of `rel_dir` (POSIX, relative to the source root) scrubbed with one series'
-    identifiers: what a scan records, in memory while it holds the header, instead of the path."""
-    parts = [p for p in rel_dir.strip("/").split("/") if p]
+def scrub_dirs(rel_dir: str | Sequence[str], identifiers: Identifiers, *, key: bytes) -> tuple[DirScrub, ...]:
+    """Every folder of `rel_dir` (POSIX, relative to the source root; or its folder names, when a name may
+    itself contain "/", as Drive names can) scrubbed with one series' identifiers: what a scan records, in
+    memory while it holds the header, instead of the path."""
+    parts = [p for p in rel_dir.strip("/").split("/") if p] if isinstance(rel_dir, str) else list(rel_dir)
     return tuple(
         DirScrub(
             folder=_tag(key, "\x00".join(parts[: depth + 1])),

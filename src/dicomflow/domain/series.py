@@ -16,6 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from dicomflow.domain.paths import encode_component
+from dicomflow.domain.privacy import DirScrub, Identifiers, merge_dirs, series_stem
+
 
 @dataclass(frozen=True, slots=True)
 class FileRef:
@@ -59,7 +62,9 @@ class SeriesKey:
 
 @dataclass(frozen=True, slots=True)
 class DicomHeader:
-    """What discovery reads from a file's first bytes. Patient identifiers are not part of it."""
+    """What discovery keeps of a file's first bytes. Patient identifiers are not part of it: the
+    description is already scrubbed of them (domain/privacy.py), and the file's folders are recorded only
+    as keyed scrubs (`folders`), never by name. Scan results are stored between expansion steps."""
 
     series_uid: str
     sop_class_uid: str
@@ -68,6 +73,7 @@ class DicomHeader:
     modality: str = ""
     series_description: str = ""
     image_type: tuple[str, ...] = ()
+    folders: tuple[DirScrub, ...] = ()
 
     @property
     def key(self) -> SeriesKey:
@@ -159,6 +165,17 @@ def safe_component(text: str, *, limit: int = 48) -> str:
     return cleaned[:limit].rstrip("_")
 
 
+def _common_scrubs(per_file: Sequence[tuple[DirScrub, ...]]) -> tuple[DirScrub, ...]:
+    """The folders all files of a series share (their common ancestors), as scrubs."""
+    common = list(per_file[0]) if per_file else []
+    for scrubs in per_file[1:]:
+        depth = 0
+        while depth < min(len(common), len(scrubs)) and common[depth].folder == scrubs[depth].folder:
+            depth += 1
+        del common[depth:]
+    return tuple(common)
+
+
 def _common_dir(paths: Sequence[str]) -> str:
     dirs = [posixpath.dirname(p) for p in paths]
     if len(set(dirs)) == 1:
@@ -172,6 +189,7 @@ class _Accumulator:
     header: DicomHeader
     files: list[FileRef] = field(default_factory=list)
     uids: set[str] = field(default_factory=set)
+    folders: list[tuple[DirScrub, ...]] = field(default_factory=list)
     duplicates: int = 0
 
 
@@ -182,6 +200,11 @@ def group_series(scanned: Iterable[tuple[FileRef, DicomHeader]]) -> list[SeriesG
     exports into one folder); only the first (by path) is kept so dcm2niix does not see duplicates.
     Output stems are made unique per destination folder: when two series would share a name (same
     SeriesNumber and description, e.g. a classic and an enhanced copy) both get a short key suffix.
+
+    Destination folders come from the files' folder scrubs when discovery recorded them (always, in
+    dicomflow's own runs): a folder keeps the name every series below it scrubbed it to, and gets its
+    keyed `anon-<tag>` name when they disagree (privacy.merge_dirs) — a source folder name reaches the
+    destination only if it holds no identifier of any series in it.
     """
     acc: dict[SeriesKey, _Accumulator] = {}
     for ref, header in sorted(scanned, key=lambda pair: pair[0].path):
@@ -191,16 +214,23 @@ def group_series(scanned: Iterable[tuple[FileRef, DicomHeader]]) -> list[SeriesG
             continue
         slot.uids.add(header.sop_instance_uid)
         slot.files.append(ref)
+        slot.folders.append(header.folders)
 
+    scrubbed = {key: _common_scrubs(slot.folders) for key, slot in acc.items() if all(slot.folders)}
+    merged = merge_dirs(scrubbed.values())
     groups: list[SeriesGroup] = []
     for key, slot in acc.items():
         head = slot.header
+        if key in scrubbed:
+            rel_dir = "/".join(encode_component(merged[s.folder]) for s in scrubbed[key])
+        else:  # no scrubs recorded (a direct caller without a pseudonym key): the folders as they are
+            rel_dir = _common_dir([f.path for f in slot.files])
         groups.append(
             SeriesGroup(
                 key=key,
                 files=tuple(slot.files),
                 sop_instance_uids=tuple(sorted(slot.uids)),
-                rel_dir=_common_dir([f.path for f in slot.files]),
+                rel_dir=rel_dir,
                 series_number=head.series_number,
                 modality=head.modality,
                 description=head.series_description,
@@ -211,9 +241,10 @@ def group_series(scanned: Iterable[tuple[FileRef, DicomHeader]]) -> list[SeriesG
 
 
 def base_stem(group: SeriesGroup) -> str:
-    number = str(group.series_number) if group.series_number is not None else "x"
-    description = safe_component(group.description) or safe_component(group.modality) or "series"
-    return f"{number}_{description}"
+    """`<SeriesNumber>_<description>`: the description was scrubbed at discovery; `series_stem` also drops
+    what looks like a date or a record number, keeps [A-Za-z0-9_-] and shortens in the middle so the end
+    (`_AP`, `_PA`, `_run2`) survives."""
+    return series_stem(group.series_number, group.description, group.modality, Identifiers())
 
 
 def _assign_stems(groups: list[SeriesGroup]) -> list[SeriesGroup]:

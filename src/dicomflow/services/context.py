@@ -18,6 +18,7 @@ from dicomflow.events import Event
 from dicomflow.ports import (
     ChangeFeed,
     Converter,
+    Deidentifier,
     HeaderScanner,
     Heartbeat,
     ItemChange,
@@ -48,6 +49,7 @@ class Context:
     scanners: dict[LocationKind, HeaderScanner]
     work_dir: Path
     heartbeat: Heartbeat
+    deidentifier: Deidentifier
     change_feed: Callable[[], ChangeFeed] | None = None
     clock: Callable[[], float] = time.time
     # Random ids (batch ids, lease owners): injected so a simulation replays exactly from its seed.
@@ -66,6 +68,11 @@ class Context:
             close = getattr(resource, "close", None)
             if callable(close):
                 close()
+
+    @property
+    def conversion_version(self) -> str:
+        """What enters every fingerprint besides the files and options: the converter and the profile."""
+        return f"{self.converter.version}+{self.deidentifier.version}"
 
     def update_item(self, batch_id: str, item_id: str, change: ItemChange) -> tuple[Item, bool]:
         """store.update_item, plus retention: a series that reaches a final state is stamped with the time

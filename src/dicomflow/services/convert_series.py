@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from dicomflow.domain import model
 from dicomflow.domain.conversion import ConversionVerdict, assess
 from dicomflow.domain.failures import AttemptOutOfTime, DicomflowError, Failure, InvalidInput, SeriesTooLarge
 from dicomflow.domain.model import Batch, BatchStatus, Item, OutputFile, Timings
+from dicomflow.domain.privacy import Identifiers, scrub_text
 from dicomflow.domain.retry import Verdict, decide
 from dicomflow.events import Event
 from dicomflow.ports import Attempt, HeartbeatHandle, QueueName, Task
@@ -249,37 +250,51 @@ def _convert_claimed(
         downloaded = ctx.clock()
         if not beating.alive:
             raise FencedOut
+        # The series' identifiers, read from its own headers: they scrub everything this attempt writes or
+        # records (outputs, warnings, failure details) and are never stored (docs/privacy.md).
+        identifiers = ctx.deidentifier.identifiers(input_dir)
         left = budget.remaining("converting")
         timeout = (
             ctx.settings.convert_timeout_seconds if left is None else min(left, ctx.settings.convert_timeout_seconds)
         )
         ctx.progress(item.batch_id, item.item_id, "convert", 0, 1)
         lease.confirm(beating)  # a stalled attempt that lost the series does not convert it again
-        run = ctx.converter.convert(input_dir, work / "out", item.output_stem, batch.options, timeout_seconds=timeout)
+        # dcm2niix writes uncompressed NIfTI: the profile scrubs header text in place, then compresses.
+        uncompressed = replace(batch.options, compress=False)
+        run = ctx.converter.convert(input_dir, work / "out", item.output_stem, uncompressed, timeout_seconds=timeout)
         converted = ctx.clock()
         # Every volume dcm2niix reports must be among the outputs, none overwritten (a lost volume fails the
         # series for good); missing slices keep the outputs but flag the series as incomplete.
-        classified = assess(run, files=item.file_count)
+        try:
+            classified = assess(run, files=item.file_count)
+        except DicomflowError as exc:
+            exc.detail = _scrubbed(exc.detail, identifiers)  # dcm2niix quotes protocol names in some lines
+            raise
+        warnings = tuple(_scrubbed(w, identifiers) for w in classified.warnings)
         if classified.verdict is ConversionVerdict.NOTHING_TO_CONVERT:
-            return _finish(ctx, item, skip_reason=classified.skip_reason, warnings=classified.warnings)
-        warnings = classified.warnings
+            return _finish(ctx, item, skip_reason=classified.skip_reason, warnings=warnings)
         # Downloaded inputs are no longer needed: free the space before uploading (on Cloud Run it is
         # memory). Only our own scratch folder is removed, never a source folder used in place.
         shutil.rmtree(work / "in", ignore_errors=True)
+        shareable = ctx.deidentifier.apply(run.outputs, identifiers, compress=batch.options.compress)
         budget.remaining("uploading")
         sink = ctx.sink_for(batch.destination)
         # Nothing is published by an attempt that lost the series; what is published is recorded first.
-        lease.confirm(beating, publishing=sink.intended(item.rel_dir, run.outputs))
+        lease.confirm(beating, publishing=sink.intended(item.rel_dir, shareable))
 
         def uploading(done: int, total: int) -> None:
             if not beating.alive:
                 raise FencedOut  # stop between files: the series belongs to another attempt now
             ctx.progress(item.batch_id, item.item_id, "upload", done, total)
 
-        outputs = sink.publish(batch.destination, item.rel_dir, run.outputs, owner_key=item.item_id, progress=uploading)
+        outputs = sink.publish(batch.destination, item.rel_dir, shareable, owner_key=item.item_id, progress=uploading)
         uploaded = ctx.clock()
     timings = Timings(downloaded - started, converted - downloaded, uploaded - converted)
     return _finish(ctx, item, outputs=outputs, timings=timings, warnings=warnings, incomplete=classified.incomplete)
+
+
+def _scrubbed(text: str, identifiers: Identifiers) -> str:
+    return "\n".join(scrub_text(line, identifiers) for line in text.splitlines())
 
 
 def _finish(

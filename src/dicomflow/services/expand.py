@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from dicomflow.domain import model
 from dicomflow.domain.failures import DicomflowError, InvalidInput, PermanentError
+from dicomflow.domain.locations import LocationKind
 from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.domain.paths import display, encode_component, join
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, fingerprint, group_series
@@ -217,18 +218,22 @@ def _group(ctx: Context, batch: Batch) -> None:
     ignored: Tally[str] = Tally()
     examples: list[str] = []
     files_seen = 0
+    # Examples of skipped files name them by path only where the state stays on the user's machine; in
+    # the cloud by Drive id (a source file name may carry the patient's name: docs/privacy.md).
+    by_path = batch.sources[0].kind is LocationKind.LOCAL
     for chunk in chunks:
         for skipped in chunk.skipped:
             ignored[skipped.ignored.kind.value] += 1
             files_seen += 1
-            if len(examples) < IGNORED_EXAMPLES:
+            if len(examples) < IGNORED_EXAMPLES and by_path:
                 examples.append(f"{display(skipped.path)} ({skipped.ignored.kind.value})")
         for ref, result in zip(chunk.files, chunk.results or (), strict=True):
             files_seen += 1
             if isinstance(result, Ignored):
                 ignored[result.kind.value] += 1
                 if len(examples) < IGNORED_EXAMPLES:
-                    examples.append(f"{display(ref.path)} ({result.kind.value})")
+                    name = display(ref.path) if by_path else f"Drive file {ref.ref}"
+                    examples.append(f"{name} ({result.kind.value})")
             else:
                 pairs.append((ref, result))
 
@@ -238,7 +243,7 @@ def _group(ctx: Context, batch: Batch) -> None:
             f"the source holds {len(groups)} series, more than the maximum of {ctx.settings.max_batch_series} "
             "per batch; submit its sub-folders as separate batches"
         )
-    version = ctx.converter.version
+    version = ctx.conversion_version
     fps = [fingerprint(g.key, g.sop_instance_uids, version, batch.options) for g in groups]
     already = set() if batch.force else ctx.store.succeeded_fingerprints(batch.destination.key, fps)
     now = ctx.clock()

@@ -120,13 +120,13 @@ class DriveSource:
         expected = min(size, ref.size) if ref.size > 0 else size
         got = 0
         for attempt in range(READ_ATTEMPTS):
-            data = bytes(self._drive.execute(ranged, what=f"file {ref.path}"))
+            data = bytes(self._drive.execute(ranged, what=f"Drive file {ref.ref}"))
             if len(data) >= expected:
                 return data[:size]  # a server may ignore Range and send the whole file (200)
             got = len(data)
             self._drive.sleep(random.uniform(0.05, 0.5) * 2**attempt)  # noqa: S311 - capped jitter
         raise ServiceUnavailable(
-            f"Google Drive kept answering short reads for file {ref.path} ({got} of {expected} bytes); "
+            f"Google Drive kept answering short reads for Drive file {ref.ref} ({got} of {expected} bytes); "
             "it will be retried"
         )
 
@@ -135,7 +135,7 @@ class DriveSource:
             try:
                 meta = self._drive.execute(
                     lambda s: s.files.get(fileId=ref.ref, fields="id,size,md5Checksum,trashed", **_ALL),
-                    what=f"file {ref.path}",
+                    what=f"Drive file {ref.ref}",
                 )
             except SourceNotFound:
                 return None
@@ -171,7 +171,7 @@ class DriveSource:
         return dest_dir
 
     def _download(self, ref: FileRef, target: Path, advance: Callable[[int], None]) -> None:
-        what = f"file {ref.path}"
+        what = f"Drive file {ref.ref}"
         for attempt in range(DOWNLOAD_ATTEMPTS):
             digest = hashlib.md5(usedforsecurity=False)
             written = 0

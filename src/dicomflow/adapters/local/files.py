@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from dicomflow.adapters.local.private import private_dir, private_file
 from dicomflow.domain.failures import (
     AccessDenied,
     DestinationConflict,
@@ -309,9 +310,10 @@ class LocalFolderSink:
     def _append_ledger(self, root: Path, owner_key: str, name: str) -> None:
         path = self._ledger_path(root)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
             line = json.dumps({"key": owner_key, "name": name}, separators=(",", ":")) + "\n"
             with path.open("a", encoding="utf-8") as ledger:
+                private_file(path)
                 fcntl.flock(ledger, fcntl.LOCK_EX)
                 ledger.write(line)
                 ledger.flush()

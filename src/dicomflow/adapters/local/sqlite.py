@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dicomflow.adapters.local.private import private_dir, private_file
+
 
 class SqliteDatabase:
     def __init__(self, path: Path, schema: str) -> None:
@@ -21,8 +23,9 @@ class SqliteDatabase:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         self.conn().executescript(schema)  # executescript manages its own transaction
+        private_file(path)
 
     def conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
