@@ -37,11 +37,14 @@ resource "google_cloudfunctions2_function" "function" {
     environment_variables = local.function_env[each.key]
 
     dynamic "secret_environment_variables" {
-      for_each = each.value.webhook_token ? ["DICOMFLOW_WEBHOOK_TOKEN"] : []
+      for_each = merge(
+        each.value.webhook_token ? { DICOMFLOW_WEBHOOK_TOKEN = google_secret_manager_secret.webhook_token.secret_id } : {},
+        each.value.pseudonym_key ? { DICOMFLOW_PSEUDONYM_KEY = google_secret_manager_secret.pseudonym_key.secret_id } : {},
+      )
       content {
-        key        = secret_environment_variables.value
+        key        = secret_environment_variables.key
         project_id = var.project_id
-        secret     = google_secret_manager_secret.webhook_token.secret_id
+        secret     = secret_environment_variables.value
         # "latest" is resolved when an instance starts: after adding a version, redeploy or wait for
         # new instances (docs/operations.md, rotating the webhook token).
         version = "latest"
@@ -67,6 +70,7 @@ resource "google_cloudfunctions2_function" "function" {
     google_project_iam_member.build,
     google_project_iam_member.datastore_user,
     google_secret_manager_secret_iam_member.webhook_token,
+    google_secret_manager_secret_iam_member.pseudonym_key,
     google_secret_manager_secret_iam_member.drive_oauth_token,
   ]
 }

@@ -110,6 +110,7 @@ locals {
   )
 
   webhook_token_readers = { for key, fn in local.functions : key => local.runtime_members[key] if fn.webhook_token }
+  pseudonym_key_readers = { for key, fn in local.functions : key => local.runtime_members[key] if fn.pseudonym_key }
 
   drive_token_readers = var.drive_user_oauth ? merge(
     { worker = local.runtime_members.worker },
@@ -202,6 +203,15 @@ resource "google_secret_manager_secret_iam_member" "webhook_token" {
 
   project   = var.project_id
   secret_id = google_secret_manager_secret.webhook_token.secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = each.value
+}
+
+resource "google_secret_manager_secret_iam_member" "pseudonym_key" {
+  for_each = local.pseudonym_key_readers
+
+  project   = var.project_id
+  secret_id = google_secret_manager_secret.pseudonym_key.secret_id
   role      = "roles/secretmanager.secretAccessor"
   member    = each.value
 }

@@ -60,6 +60,7 @@ locals {
   #   enqueue       queues it creates tasks on (roles/cloudtasks.enqueuer there + actAs on the tasks SA)
   #   drive         talks to the Drive API (gets the user OAuth token when var.drive_user_oauth)
   #   webhook_token needs the Drive channel token (DICOMFLOW_WEBHOOK_TOKEN from Secret Manager)
+  #   pseudonym_key reads DICOM headers and names destination folders (DICOMFLOW_PSEUDONYM_KEY, Secret Manager)
   functions = {
     batches = {
       name          = "${var.name_prefix}-batches"
@@ -72,6 +73,7 @@ locals {
       enqueue       = ["expand"] # submit, retry-dead-letters (redrive) and cancel sweeps are expand-queue tasks
       drive         = true       # checks that source and destination folders are reachable
       webhook_token = false
+      pseudonym_key = false
     }
     expand = {
       name          = "${var.name_prefix}-expand"
@@ -84,6 +86,7 @@ locals {
       enqueue       = ["expand", "convert"] # scan chunks -> expand; series -> convert
       drive         = true
       webhook_token = false
+      pseudonym_key = true # scans headers (and re-reads series for redrives)
     }
     dead_letter = {
       name          = "${var.name_prefix}-dead-letter"
@@ -96,6 +99,7 @@ locals {
       enqueue       = []
       drive         = false
       webhook_token = false
+      pseudonym_key = false
     }
     changes = {
       name          = "${var.name_prefix}-changes"
@@ -108,6 +112,7 @@ locals {
       enqueue       = ["changes", "expand"] # re-check of unsettled folders -> changes; submit -> expand
       drive         = true
       webhook_token = true
+      pseudonym_key = false
     }
     reconcile = {
       name          = "${var.name_prefix}-reconcile"
@@ -120,6 +125,7 @@ locals {
       enqueue       = ["convert", "expand"]
       drive         = false
       webhook_token = false
+      pseudonym_key = false
     }
     renew = {
       name          = "${var.name_prefix}-renew"
@@ -132,6 +138,7 @@ locals {
       enqueue       = ["expand"] # a settled folder is submitted as a batch
       drive         = true
       webhook_token = true
+      pseudonym_key = false
     }
     webhook = {
       name          = "${var.name_prefix}-webhook"
@@ -144,6 +151,7 @@ locals {
       enqueue       = ["changes"]
       drive         = false
       webhook_token = true
+      pseudonym_key = false
     }
   }
 

@@ -73,3 +73,8 @@ output "dashboard_id" {
   description = "Resource name of the Cloud Monitoring dashboard (Monitoring > Dashboards > \"dicomflow (<name_prefix>)\")."
   value       = google_monitoring_dashboard.main.id
 }
+
+output "pseudonym_key_secret" {
+  description = "Secret Manager secret of the pseudonym key: add one version of 32+ random bytes in hex before the first batch (docs/operations.md)."
+  value       = google_secret_manager_secret.pseudonym_key.secret_id
+}

@@ -29,3 +29,18 @@ resource "google_secret_manager_secret" "drive_oauth_token" {
 
   depends_on = [google_project_service.this]
 }
+
+# The pseudonym key (docs/privacy.md): de-identified folder names are derived from it, so the same source
+# folder always gets the same destination name and nobody without the key can test guessed patient names
+# against it. 32+ random bytes in hex; only the expand function (which reads DICOM headers) gets it.
+resource "google_secret_manager_secret" "pseudonym_key" {
+  project             = var.project_id
+  secret_id           = "${var.name_prefix}-pseudonym-key"
+  deletion_protection = var.deletion_protection
+
+  replication {
+    auto {}
+  }
+
+  depends_on = [google_project_service.this]
+}

@@ -58,7 +58,7 @@ def build(
     converter: Converter | None = None,
     sources: dict[LocationKind, Callable[[], Source]] | None = None,
     sinks: dict[LocationKind, Callable[[], Sink]] | None = None,
-    scanners: dict[LocationKind, HeaderScanner] | None = None,
+    scanners: dict[LocationKind, Callable[[], HeaderScanner]] | None = None,
     clock: Callable[[], float] | None = None,
     progress: StepProgress | None = None,
     work_dir: Path | None = None,
@@ -103,9 +103,11 @@ def build(
     return ctx
 
 
-def _scanners(settings: Settings) -> dict[LocationKind, HeaderScanner]:
-    key = pseudonym_key(settings)
-    return {LocationKind.LOCAL: SequentialScanner(key), LocationKind.DRIVE: ThreadedScanner(DRIVE_SCAN_THREADS, key)}
+def _scanners(settings: Settings) -> dict[LocationKind, Callable[[], HeaderScanner]]:
+    return {
+        LocationKind.LOCAL: lambda: SequentialScanner(pseudonym_key(settings)),
+        LocationKind.DRIVE: lambda: ThreadedScanner(DRIVE_SCAN_THREADS, pseudonym_key(settings)),
+    }
 
 
 def _deidentifier(settings: Settings) -> Deidentifier:

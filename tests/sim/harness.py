@@ -230,7 +230,7 @@ class Run:
             converter=Faulty(self.converter, self.plan, "converter", latency=0.0),  # type: ignore[arg-type]
             sources={LocationKind.LOCAL: lambda: Faulty(self.source, self.plan, "source")},  # type: ignore[dict-item]
             sinks={LocationKind.LOCAL: lambda: Faulty(LocalFolderSink(), self.plan, "sink")},  # type: ignore[dict-item]
-            scanners={LocationKind.LOCAL: Faulty(SimScanner(sim, self.archives), self.plan, "scanner")},  # type: ignore[dict-item]
+            scanners={LocationKind.LOCAL: lambda: Faulty(SimScanner(sim, self.archives), self.plan, "scanner")},  # type: ignore[dict-item,return-value]
             clock=sim.clock,
             work_dir=work / "scratch",
             heartbeat=SimHeartbeat(sim),

@@ -46,7 +46,7 @@ class Context:
     converter: Converter
     sources: dict[LocationKind, Callable[[], Source]]
     sinks: dict[LocationKind, Callable[[], Sink]]
-    scanners: dict[LocationKind, HeaderScanner]
+    scanners: dict[LocationKind, Callable[[], HeaderScanner]]
     work_dir: Path
     heartbeat: Heartbeat
     deidentifier: Deidentifier
@@ -96,7 +96,9 @@ class Context:
         return sink
 
     def scanner_for(self, location: Location) -> HeaderScanner:
-        return self.scanners[location.kind]
+        """Built on first use: only expansion reads headers, and only it needs the pseudonym key."""
+        scanner: HeaderScanner = self._adapter(self.scanners, location, "scanner")
+        return scanner
 
     def changes(self) -> ChangeFeed:
         """Drive's changes feed (push notifications); built on first use."""
