@@ -32,6 +32,12 @@ locals {
       collection = "items", scope = "COLLECTION_GROUP"
       fields     = [["dest_key", "ASCENDING"], ["state", "ASCENDING"], ["fingerprint", "ASCENDING"]]
     }
+    # A series' earlier successes in a destination: its recorded outputs (never retracted) and its file
+    # count (a re-run never converts fewer files over good outputs): (dest_key ==, state ==, item_id ==/in).
+    items_dest_state_item = {
+      collection = "items", scope = "COLLECTION_GROUP"
+      fields     = [["dest_key", "ASCENDING"], ["state", "ASCENDING"], ["item_id", "ASCENDING"]]
+    }
     # Reconciler: items `running` whose lease expired (state ==, lease_until <).
     items_state_lease = {
       collection = "items", scope = "COLLECTION_GROUP"
@@ -64,6 +70,23 @@ resource "google_firestore_index" "this" {
     content {
       field_path = fields.value[0]
       order      = fields.value[1]
+    }
+  }
+}
+
+# The reconciler's query for series whose unrecorded outputs still need removing (needs_retraction ==
+# true) runs over the `items` collection group; single-field indexes are not kept for collection groups
+# unless asked for.
+resource "google_firestore_field" "items_needs_retraction" {
+  project    = var.project_id
+  database   = google_firestore_database.this.name
+  collection = "items"
+  field      = "needs_retraction"
+
+  index_config {
+    indexes {
+      order       = "ASCENDING"
+      query_scope = "COLLECTION_GROUP"
     }
   }
 }

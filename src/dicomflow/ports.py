@@ -346,6 +346,10 @@ class StateStore(Protocol):
     def succeeded_fingerprints(self, dest_key: str, fingerprints: Sequence[str]) -> set[str]:
         """Which of these fingerprints already converted successfully into this destination."""
 
+    def succeeded_file_counts(self, dest_key: str, item_ids: Sequence[str]) -> dict[str, int]:
+        """For these series, the largest file count any succeeded item of theirs had in this destination
+        (series never converted there are absent)."""
+
     def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
         """(name, sha256) of every output that a succeeded item of this series (any batch) records in this
         destination: files no retraction may remove."""

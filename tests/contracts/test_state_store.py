@@ -263,6 +263,22 @@ def test_succeeded_fingerprints_are_scoped_to_the_destination(store: StateStore)
     assert store.succeeded_fingerprints(parse_location("/nowhere", field="d").key, ["fp0"]) == set()
 
 
+def test_succeeded_file_counts_and_recorded_outputs_per_series_and_destination(store: StateStore) -> None:
+    here, _ = store.create_batch(_batch("b1", dest="/out"))
+    later, _ = store.create_batch(_batch("b2", dest="/out"))
+    there, _ = store.create_batch(_batch("b3", dest="/elsewhere"))
+    big, small = _items(here, 2, files_per_item=5)
+    store.add_items([big, small, *_items(later, 1, files_per_item=3), *_items(there, 1, files_per_item=9)])
+    output = model.OutputFile("s0/0_T1w.nii.gz", 10, "ab" * 32)
+    for batch_id, item_id in (("b1", big.item_id), ("b2", big.item_id), ("b3", big.item_id)):
+        store.update_item(batch_id, item_id, lambda i: model.succeed(i, 1.0, (output,), model.Timings(), ()))
+    assert store.succeeded_file_counts(here.destination.key, [big.item_id, small.item_id]) == {big.item_id: 5}
+    assert store.succeeded_file_counts(there.destination.key, [big.item_id]) == {big.item_id: 9}
+    assert store.succeeded_file_counts(here.destination.key, []) == {}
+    assert store.recorded_outputs(here.destination.key, big.item_id) == {(output.name, output.sha256)}
+    assert store.recorded_outputs(here.destination.key, small.item_id) == set()
+
+
 def test_batches_update_atomically_and_list_newest_first(store: StateStore) -> None:
     store.create_batch(_batch("old", created_at=10.0))
     store.create_batch(_batch("new", created_at=20.0))

@@ -170,6 +170,16 @@ class MemoryStateStore:
                 if i.dest_key == dest_key and i.state is ItemState.SUCCEEDED and i.fingerprint in wanted
             }
 
+    def succeeded_file_counts(self, dest_key: str, item_ids: Sequence[str]) -> dict[str, int]:
+        wanted = set(item_ids)
+        counts: dict[str, int] = {}
+        with self._lock:
+            for table in self._items.values():
+                for i in table.values():
+                    if i.dest_key == dest_key and i.state is ItemState.SUCCEEDED and i.item_id in wanted:
+                        counts[i.item_id] = max(counts.get(i.item_id, 0), i.file_count)
+        return counts
+
     def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
         with self._lock:
             return {

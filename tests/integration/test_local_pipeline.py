@@ -170,6 +170,30 @@ def test_second_run_converts_only_new_series_and_force_redoes_all(
         assert_invariant(ctx, batch_id)
 
 
+def test_a_series_with_fewer_files_than_its_last_conversion_is_reported_not_converted_over_it(
+    inline_ctx: Callable[..., Context], tmp_path: Path
+) -> None:
+    # Issue 9: a transient read failure or an upload in progress must never replace good outputs with
+    # incomplete ones. A series that lost a file since it converted into this destination is reported.
+    written = samples.write_series(tmp_path / "src" / "t1", samples.SeriesSpec(kind="mr3d", slices=8), seed=61)
+    ctx = inline_ctx()
+    first = run_batch(ctx, str(tmp_path / "src"), str(tmp_path / "out"))
+    assert ctx.store.get_batch(first).counters.succeeded == 1
+    (image,) = (tmp_path / "out").rglob("*.nii.gz")
+    good = image.read_bytes()
+
+    written.paths[3].unlink()  # a slice goes missing from the source
+    second = run_batch(ctx, str(tmp_path / "src"), str(tmp_path / "out"))
+    (item,) = ctx.store.list_items(second)
+    assert item.state is ItemState.SKIPPED and "7 files now, 8 when this series last converted" in item.skip_reason
+    assert "--force" in item.skip_reason
+    assert image.read_bytes() == good  # the good outputs are untouched
+
+    forced = run_batch(ctx, str(tmp_path / "src"), str(tmp_path / "out"), force=True)
+    (item,) = ctx.store.list_items(forced)
+    assert item.state is ItemState.SUCCEEDED and item.file_count == 7  # only when asked for
+
+
 def test_duplicate_deliveries_change_neither_outputs_nor_counters(
     archive: samples.DemoArchive, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:

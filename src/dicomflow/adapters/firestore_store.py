@@ -164,9 +164,11 @@ class FirestoreStateStore:
         return codec.item_from_dict(data, files)
 
     @staticmethod
-    def _write_file_chunks(writer: Any, ref: Any, parts: list[list[dict[str, object]]]) -> None:
+    def _write_file_chunks(
+        writer: Any, ref: Any, parts: list[list[dict[str, object]]], expires_at: float | None = None
+    ) -> None:
         for n, part in enumerate(parts):
-            writer.set(ref.collection("files").document(str(n)), {"files": part})
+            writer.set(ref.collection("files").document(str(n)), {"files": part, "expires_at": _to_time(expires_at)})
 
     def _read_modify_write(
         self,
@@ -363,16 +365,18 @@ class FirestoreStateStore:
             if updated is None:
                 return None, (item, False)
             updated = replace(updated, rev=item.rev + 1)
-            files_changed = updated.files != item.files
+            # The file pieces are rewritten with the files, or with the item's expiry: TTL deletes a document,
+            # never its subcollections, so each piece carries the expiry itself.
+            files_changed = updated.files != item.files or updated.expires_at != item.expires_at
             doc, parts = self._item_doc(updated)
             pending_parts[:] = parts
             if doc["files_chunks"]:
                 doc["files"] = firestore.DELETE_FIELD
             return doc, (updated, True)
 
-        def write_files(writes: Any, _result: tuple[Item, bool]) -> None:
+        def write_files(writes: Any, result: tuple[Item, bool]) -> None:
             if files_changed:
-                self._write_file_chunks(writes, ref, pending_parts)
+                self._write_file_chunks(writes, ref, pending_parts, result[0].expires_at)
 
         outcome: tuple[Item, bool] = self._read_modify_write(ref, compute, write_files)
         return outcome
@@ -431,6 +435,24 @@ class FirestoreStateStore:
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             return set().union(*pool.map(lookup, parts)) if parts else set()
+
+    def succeeded_file_counts(self, dest_key: str, item_ids: Sequence[str]) -> dict[str, int]:
+        done = (
+            self._db.collection_group("items")
+            .where(filter=FieldFilter("dest_key", "==", dest_key))
+            .where(filter=FieldFilter("state", "==", ItemState.SUCCEEDED.value))
+        )
+        if not self._stream(done.limit(1).select(["item_id"])):
+            return {}  # nothing ever converted into this destination: skip the per-series lookups
+        unique = sorted(set(item_ids))
+        counts: dict[str, int] = {}
+        for start in range(0, len(unique), _IN_LIMIT):
+            query = done.where(filter=FieldFilter("item_id", "in", unique[start : start + _IN_LIMIT]))
+            for snap in self._stream(query.select(["item_id", "file_count"])):
+                data = snap.to_dict() or {}
+                item_id = str(data.get("item_id"))
+                counts[item_id] = max(counts.get(item_id, 0), int(data.get("file_count") or 0))
+        return counts
 
     def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
         query = (

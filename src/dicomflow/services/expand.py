@@ -32,7 +32,7 @@ from dicomflow.domain.failures import DicomflowError, InvalidInput, PermanentErr
 from dicomflow.domain.locations import LocationKind
 from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.domain.paths import display, encode_component, join
-from dicomflow.domain.series import DicomHeader, FileRef, Ignored, fingerprint, group_series
+from dicomflow.domain.series import DicomHeader, FileRef, Ignored, SeriesGroup, fingerprint, group_series
 from dicomflow.events import Event
 from dicomflow.ports import Attempt, ExpansionChunk, SkippedFile
 from dicomflow.services.context import Context, event
@@ -246,9 +246,19 @@ def _group(ctx: Context, batch: Batch) -> None:
     version = ctx.conversion_version
     fps = [fingerprint(g.key, g.sop_instance_uids, version, batch.options) for g in groups]
     already = set() if batch.force else ctx.store.succeeded_fingerprints(batch.destination.key, fps)
+    # A re-run never makes outputs worse: a series that now has fewer files than when it last converted
+    # into this destination (a file gone missing, an upload still running) is reported, not converted
+    # over the good outputs; `force` converts it anyway.
+    fewer = (
+        {}
+        if batch.force
+        else ctx.store.succeeded_file_counts(
+            batch.destination.key, [g.key.item_id for g, fp in zip(groups, fps, strict=True) if fp not in already]
+        )
+    )
     now = ctx.clock()
     items = [
-        model.new_item(batch, group, fp, now, skip_reason=ALREADY_CONVERTED if fp in already else "")
+        model.new_item(batch, group, fp, now, skip_reason=_skip_reason(group, fp, already, fewer))
         for group, fp in zip(groups, fps, strict=True)
     ]
     for part in _slices(items):
@@ -275,6 +285,19 @@ def _group(ctx: Context, batch: Batch) -> None:
             ignored_by_kind=dict(ignored),
         )
     maybe_complete(ctx, batch.batch_id)
+
+
+def _skip_reason(group: SeriesGroup, fp: str, already: set[str], before: dict[str, int]) -> str:
+    if fp in already:
+        return ALREADY_CONVERTED
+    had = before.get(group.key.item_id, 0)
+    if had > len(group.files):
+        return (
+            f"{len(group.files)} files now, {had} when this series last converted into this destination: not "
+            "converted over the good outputs (a file may be missing from the source, or still uploading). "
+            "Restore the missing files, or convert again with --force (API: force) to replace the outputs."
+        )
+    return ""
 
 
 def _slices(items: Sequence[model.Item]) -> list[list[model.Item]]:

@@ -271,6 +271,20 @@ class SqliteStateStore:
             found.update(r["fingerprint"] for r in rows)
         return found
 
+    def succeeded_file_counts(self, dest_key: str, item_ids: Sequence[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        unique = sorted(set(item_ids))
+        for start in range(0, len(unique), 500):
+            part = unique[start : start + 500]
+            rows = self._db.read(
+                f"SELECT item_id, MAX(json_extract(data, '$.file_count')) AS n FROM items "  # noqa: S608
+                f"WHERE dest_key = ? AND state = 'succeeded' AND item_id IN ({','.join('?' * len(part))}) "
+                "GROUP BY item_id",
+                (dest_key, *part),
+            )
+            counts.update({r["item_id"]: int(r["n"]) for r in rows})
+        return counts
+
     def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
         rows = self._db.read(
             "SELECT data FROM items WHERE dest_key = ? AND item_id = ? AND state = 'succeeded'", (dest_key, item_id)
