@@ -1,73 +1,96 @@
-"""Fan-out of a 10,000-series batch (DESIGN.md §8): submit latency, time until every convert task exists,
-and Firestore document writes per series.
+"""Fan-out of a 10,000-series batch of 200 files per series (DESIGN.md §8, issue 8): submit latency, time
+until every convert task exists, Firestore document writes per series, and the largest request and the
+largest document sent to Firestore (limits: 10 MiB per commit, 4 MiB on the emulator; 1 MiB per document).
 
 Real parts: the batch API handler, expansion (list → parallel scan chunks → group), the Cloud Tasks
-adapter (its thread pool and retries) and the official Firestore emulator. Stand-in: the Cloud Tasks
-client, which takes 20 ms per create_task like a real network round trip, and dispatches expand tasks to
-a pool of "function instances" the way Cloud Tasks would. Targets: submit < 2 s, all tasks < 60 s,
-writes per series <= 3 (fan-out), and the whole item life cycle is reported too.
+adapter (its thread pool and retries) and the official Firestore emulator with the real Firestore store.
+Stand-ins: the Cloud Tasks client, which takes 20 ms per create_task like a real network round trip and
+dispatches expand tasks to a pool of "function instances" the way Cloud Tasks would; and the source: a
+Drive-like listing (Drive-sized file ids, realistic folder and file names, sizes and md5s) whose header
+reads answer at once, because what is measured is the batch's bookkeeping, not reading two million files.
 
-    python bench/fanout.py [--series 10000] [--create-ms 20]
+    python bench/fanout.py [--series 10000] [--files-per-series 200] [--create-ms 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import flask
-import pydicom
 from google.api_core.exceptions import AlreadyExists
 from google.cloud.firestore_v1 import batch as fs_batch
-from pydicom.dataset import FileMetaDataset
 
 from dicomflow import bootstrap, devstack, http
 from dicomflow.adapters.cloud_tasks import CloudTasksQueue
 from dicomflow.adapters.firestore_store import FirestoreStateStore
 from dicomflow.config import load_settings
 from dicomflow.domain import model
+from dicomflow.domain.locations import Location, LocationKind
+from dicomflow.domain.series import DicomHeader, FileRef
 from dicomflow.ports import Attempt, QueueName
 from dicomflow.services.tasks import handle_task
 
-WRITES = {"n": 0}
+WRITES = {"n": 0, "largest_commit": 0, "largest_document": 0}
 _LOCK = threading.Lock()
+MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def _count_writes() -> None:
-    """Count every document write the Firestore client sends: single-document create/set/update go
-    through a WriteBatch too, so counting batch commits counts everything once."""
+    """Count every document write the Firestore client sends, and the largest commit and document in
+    bytes as they go over the wire: single-document create/set/update go through a WriteBatch too."""
     original_commit = fs_batch.WriteBatch.commit
 
     def commit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes = [w._pb.ByteSize() for w in self._write_pbs]
         with _LOCK:
-            WRITES["n"] += len(self._write_pbs)
+            WRITES["n"] += len(sizes)
+            WRITES["largest_commit"] = max(WRITES["largest_commit"], sum(sizes))
+            WRITES["largest_document"] = max(WRITES["largest_document"], max(sizes, default=0))
         return original_commit(self, *args, **kwargs)
 
     fs_batch.WriteBatch.commit = commit  # type: ignore[method-assign]
 
 
-def write_tiny_series(root: Path, count: int) -> None:
-    """`count` single-file series (8x8 pixels): the cost under test is per series, not per pixel."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    root.mkdir(parents=True, exist_ok=True)
-    for n in range(count):
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        meta.MediaStorageSOPInstanceUID = f"2.25.{10**20 + n}"
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID, ds.SeriesNumber, ds.Modality = f"2.25.{10**21 + n}", n % 9999 + 1, "MR"
-        ds.Rows = ds.Columns = 8
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = b"\0" * 128
-        ds.save_as(root / f"{n:05d}.dcm", enforce_file_format=True)
+class ListingSource:
+    """A Drive-like source of `series` x `files` files: ids, names, sizes and md5s as Drive lists them."""
+
+    def __init__(self, series: int, files: int) -> None:
+        self.series, self.files = series, files
+
+    def check(self, location: Location) -> str:
+        return "Exams"
+
+    def list_files(self, location: Location) -> Iterator[FileRef]:
+        for s in range(self.series):
+            folder = f"sub-{s // 40:04d}/ses-{s % 4:02d}/{s:05d}_ep2d_bold_task_rest_run{s % 3}"
+            for f in range(self.files):
+                file_id = hashlib.sha256(f"{s}/{f}".encode()).hexdigest()[:33]
+                yield FileRef(file_id, f"{folder}/IM-{s:05d}-{f:04d}.dcm", 524_288 + f, file_id[:32])
+
+
+class ListingScanner:
+    """Headers of the listing's files, at once (the header scanner's speed is measured by bench/local_overhead)."""
+
+    def scan(self, source: Any, refs: Any) -> list[DicomHeader]:
+        return [
+            DicomHeader(
+                f"2.25.{10**21 + int(r.path[r.path.rindex('-', 0, -9) + 1 : -9])}",
+                MR,
+                f"2.25.{r.ref}",
+                1,
+                "MR",
+                "ep2d_bold",
+            )
+            for r in refs
+        ]
 
 
 class FakeTasksClient:
@@ -104,15 +127,14 @@ class FakeTasksClient:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", type=int, default=10_000)
+    parser.add_argument("--files-per-series", type=int, default=200)
     parser.add_argument("--create-ms", type=float, default=20.0)
     parser.add_argument("--lifecycle-sample", type=int, default=300, help="series taken through claim and success")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dicomflow-fanout-") as tmp:
         root = Path(tmp)
-        started = time.perf_counter()
-        write_tiny_series(root / "dicom", args.series)
-        print(f"input: {args.series} single-file series (written in {time.perf_counter() - started:.1f} s)")
+        print(f"input: {args.series} series x {args.files_per_series} files (a Drive-like listing)")
         emulator, host = devstack.start_firestore(root / "logs")
         try:
             run(root, host, args)
@@ -126,7 +148,8 @@ def run(root: Path, host: str, args: argparse.Namespace) -> None:
     os.environ["FIRESTORE_EMULATOR_HOST"] = host
     settings = load_settings(environ={}, mode="cloud", project="fanout-bench", region="us-central1",
                              worker_url="http://worker/", expand_url="http://expand/", allow_local_paths=True,
-                             dead_letter_url="http://dlq/", changes_url="http://changes/")  # fmt: skip
+                             dead_letter_url="http://dlq/", changes_url="http://changes/",
+                             max_batch_series=max(50_000, args.series))  # fmt: skip
     store = FirestoreStateStore.connect("fanout-bench", "(default)", time.time)
     instances = ThreadPoolExecutor(max_workers=16)  # function instances serving the expand queue
     holder: dict[str, Any] = {}
@@ -135,7 +158,15 @@ def run(root: Path, host: str, args: argparse.Namespace) -> None:
         import json
 
         payload = json.loads(task["http_request"]["body"])
-        instances.submit(handle_task, holder["ctx"], QueueName.EXPAND, payload, Attempt())
+        instances.submit(deliver, payload)
+
+    def deliver(payload: Any) -> None:
+        # Like Cloud Tasks: a non-2xx answer is delivered again after a back-off. The first delivery can
+        # beat the batch's commit (submit enqueues, then commits), and is answered 404 until it lands.
+        for attempt in range(1, 20):
+            if handle_task(holder["ctx"], QueueName.EXPAND, payload, Attempt(retry_count=attempt - 1)).ack:
+                return
+            time.sleep(min(0.1 * 2**attempt, 5))
 
     client = FakeTasksClient(args.create_ms / 1000, dispatch)
     client.expected = args.series
@@ -144,7 +175,11 @@ def run(root: Path, host: str, args: argparse.Namespace) -> None:
         queues={q: f"dicomflow-{q.value}" for q in QueueName},
         targets={q: f"http://{q.value}/" for q in QueueName},
     )  # fmt: skip
-    ctx = bootstrap.build(settings, store=store, queue=queue)
+    source = ListingSource(args.series, args.files_per_series)
+    ctx = bootstrap.build(
+        settings, store=store, queue=queue,
+        sources={LocationKind.LOCAL: lambda: source}, scanners={LocationKind.LOCAL: ListingScanner},
+    )  # fmt: skip
     holder["ctx"] = ctx
     app = flask.Flask("bench")
 
@@ -184,6 +219,8 @@ def run(root: Path, host: str, args: argparse.Namespace) -> None:
     print(f"Firestore writes per series  : {fanout_writes / args.series:7.3f}     (submit + expansion; target <= 3)")
     print(f"  + claim and success        : {lifecycle:7.3f}     (per series, measured on {len(sample)})")
     print(f"  = whole life of a series   : {fanout_writes / args.series + lifecycle:7.3f}")
+    print(f"largest Firestore commit     : {WRITES['largest_commit'] / 2**20:7.2f} MiB (limit 10 MiB; emulator 4 MiB)")
+    print(f"largest Firestore document   : {WRITES['largest_document'] / 2**10:7.0f} KiB (limit 1 MiB)")
 
 
 if __name__ == "__main__":
