@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicomflow import logs
+from dicomflow import auth, logs
 from dicomflow.adapters.dcm2niix import Dcm2niixConverter
 from dicomflow.adapters.dicom_headers import SequentialScanner, ThreadedScanner
 from dicomflow.adapters.heartbeat import ThreadHeartbeat
 from dicomflow.adapters.local.files import LocalFolderSink, LocalFolderSource
 from dicomflow.adapters.local.queue import SqliteTaskQueue, TaskRunner
 from dicomflow.adapters.local.sqlite_store import SqliteStateStore
+from dicomflow.auth import Authenticator
 from dicomflow.config import Mode, Settings
 from dicomflow.domain.failures import ConfigError
 from dicomflow.domain.locations import LocationKind
@@ -60,6 +61,7 @@ def build(
     change_feed: Callable[[], ChangeFeed] | None = None,
     heartbeat: Heartbeat | None = None,
     new_id: Callable[[int], str] | None = None,
+    authenticator: Authenticator | None = None,
 ) -> Context:
     clock = clock or time.time
     if settings.mode is Mode.LOCAL:
@@ -89,6 +91,7 @@ def build(
         scan_parallelism=parallelism,
         change_feed=change_feed or (lambda: drive().change_feed()),
         closers=[close_drive],
+        authenticator=authenticator or auth.authenticator(settings),
     )
     if progress is not None:
         ctx.progress = progress
