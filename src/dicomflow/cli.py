@@ -413,7 +413,9 @@ def dev(log_dir: Path) -> None:
                 click.echo(f"  {name:<20} {url}")
             click.echo(f"firestore:   {stack.firestore_host}   cloud tasks: {stack.tasks_host}")
             click.echo(f"logs:        {log_dir.resolve()}")
-            click.echo(f"\n  export DICOMFLOW_API_URL={stack.api_url.rstrip('/')}\n")
+            click.echo(f"\n  export DICOMFLOW_API_URL={stack.api_url.rstrip('/')}")
+            # The stack verifies tokens like the cloud does; this one (its own issuer's) is valid 12 hours.
+            click.echo(f"  export DICOMFLOW_API_TOKEN={stack.token(lifetime=12 * 3600)}\n")
             click.echo("ready; press Ctrl-C to stop")
             while True:
                 time.sleep(3600)
