@@ -133,7 +133,8 @@ def _info(ctx: Context, file_id: str) -> FileInfo | None:
 
 
 def limits_of(ctx: Context, owner: str) -> Limits:
-    if not owner or ctx.settings.mode is Mode.LOCAL:
+    """The owner's limits; none for batches without an owner (local runs and operators' tools)."""
+    if not owner:
         return Limits()
     return ctx.settings.access_policy.limits(owner)
 
