@@ -19,7 +19,6 @@ from dicomflow.domain.failures import ServiceUnavailable
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.ports import QueueName
-from dicomflow.services.context import Context
 from dicomflow.services.drive_changes import add_watch, handle_webhook
 from tests.fakes.drive_server import FakeDrive
 from tests.support import drive
@@ -266,7 +265,7 @@ def test_the_webhook_requires_the_resource_a_channel_token_and_fresh_message_num
     assert notify(missing_resource | {"X-Goog-Message-Number": "11"}) == 403
     assert notify(base | {"X-Goog-Resource-ID": "other", "X-Goog-Message-Number": "12"}) == 403
     assert notify(base | {"X-Goog-Channel-Token": token[:-1] + "x", "X-Goog-Message-Number": "13"}) == 403
-    assert notify({k: v for k, v in base.items()}) == 403  # no message number
+    assert notify(dict(base)) == 403  # no message number
     assert not world.queue.pending
     assert notify(base | {"X-Goog-Message-Number": "14"}) == 200  # (its task shares the window's name)
     stored = world.ctx.store.get_channel(channel.channel_id)
