@@ -141,6 +141,14 @@ def _lazy_drive(settings: Settings) -> tuple[Callable[[], Any], Callable[[], Non
     return drive, close
 
 
+def drive_sink(settings: Settings) -> Sink:
+    """A Drive sink with this process's own Drive credentials (`dicomflow smoke` writes its scratch series)."""
+    from dicomflow.adapters.drive.connection import DriveConnection
+
+    sink: Sink = DriveConnection.from_settings(settings).sink()
+    return sink
+
+
 # --- local worker processes -------------------------------------------------------------------------------
 
 

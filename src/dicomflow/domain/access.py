@@ -135,7 +135,8 @@ def parse_grants(raw: object, field_name: str) -> dict[str, Grant]:
             unknown = sorted(set(spec) - {"roots", *Limits.__dataclass_fields__})
             if unknown:
                 raise InvalidInput(f"{key}: unknown key {unknown[0]!r}", field=field_name)
-            limits = tuple((name, _count(spec, name, field_name)) for name in sorted(set(spec) - {"roots"}))
+            given = sorted(n for n in set(spec) - {"roots"} if spec[n] is not None)  # null: the default
+            limits = tuple((name, _count(spec, name, field_name)) for name in given)
             roots = spec.get("roots", [])
         if not isinstance(roots, list):
             raise InvalidInput(f"{key}: roots must be a list", field=field_name)
