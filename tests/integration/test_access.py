@@ -310,3 +310,21 @@ def test_keys_are_cached_and_fetched_again_only_for_an_unknown_key(world: World)
 
     with pytest.raises(ServiceUnavailable):
         KeyCache("u", down).keys(None)
+
+
+def test_a_state_file_from_before_owners_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicomflow.adapters.local.sqlite_store import SqliteStateStore
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as old:  # the batches table as it was, with one batch in it
+        old.execute("CREATE TABLE batches (batch_id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at REAL NOT NULL, "
+                    "updated_at REAL NOT NULL, data TEXT NOT NULL)")  # fmt: skip
+        data = {"batch_id": "old1", "sources": ["/in"], "destination": "/out", "status": "completed",
+                "created_at": 1.0, "updated_at": 1.0}  # fmt: skip
+        old.execute("INSERT INTO batches VALUES ('old1', 'completed', 1.0, 1.0, ?)", (json.dumps(data),))
+    store = SqliteStateStore(path, lambda: 2.0)
+    assert [b.batch_id for b in store.list_batches(owner="")] == ["old1"]
+    assert store.list_batches(owner=ALICE) == [] and store.get_batch("old1").owner == ""
+    store.close()
