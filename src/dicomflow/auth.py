@@ -37,7 +37,9 @@ MIN_KEYS_SECONDS = 60.0  # never fetch keys more often than this, even for unkno
 MAX_KEYS_SECONDS = 24 * 3600.0
 DEFAULT_KEYS_SECONDS = 3600.0  # when the endpoint sends no max-age
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)\s*$")
-LOCAL_CALLER = Caller("local", admin=True)
+# Local mode's one user (and tools that model delivery, not identity): sees everything, owns what the CLI
+# owns locally (""), is held to no roots or limits.
+LOCAL_CALLER = Caller("", admin=True)
 
 Fetch = Callable[[str], tuple[Mapping[str, str], float]]
 """fetch(certs_url) -> ({key id: PEM certificate}, seconds the answer may be cached)."""

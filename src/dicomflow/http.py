@@ -345,9 +345,12 @@ def _dispatch(provider: ContextProvider, endpoint: str, args: Mapping[str, Any],
         return json_response({"batches": [_batch_json(b) for b in access.visible_batches(ctx, caller, limit)]})
     batch_id = args["batch_id"]
     # Someone else's batch is answered exactly like a batch that does not exist.
-    access.visible_batch(ctx, caller, batch_id, counted=False)
     if endpoint == "get":
-        return json_response(_status_json(ctx, request, batch_id))
+        status = _status_json(ctx, request, batch_id)  # checked on the batch it read: no second read
+        if not can_see(caller, str(status["owner"])):
+            raise access.not_found(batch_id)
+        return json_response(status)
+    access.visible_batch(ctx, caller, batch_id, counted=False)
     if endpoint == "retry":
         batch, count = retry_dead_letters(ctx, batch_id)
         # Accepted: a redrive task moves the series back into the queue (GET the batch to follow it).

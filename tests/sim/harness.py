@@ -31,6 +31,7 @@ from flask import Request
 from werkzeug.test import EnvironBuilder
 
 from dicomflow import bootstrap, http
+from dicomflow.auth import LocalAuthenticator
 from dicomflow.config import Settings, load_settings
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import BATCH_FINAL, Batch, BatchStatus, Item, ItemState
@@ -234,6 +235,7 @@ class Run:
             work_dir=work / "scratch",
             heartbeat=SimHeartbeat(sim),
             new_id=sim.new_id,
+            authenticator=LocalAuthenticator(),  # it models delivery, not identity (tests/integration/test_access.py)
         )
         self.batch_ids: list[str | None] = [None] * scenario.batches
         self.clients_done = 0

@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from dicomflow.auth import LOCAL_CALLER
-from dicomflow.config import Mode
 from dicomflow.domain.access import Caller, Limits, can_see, describe_roots, local_path_inside
 from dicomflow.domain.failures import DicomflowError, Forbidden, NotFound, QuotaExceeded
 from dicomflow.domain.locations import Location, LocationKind
@@ -64,8 +63,8 @@ def visible_channel(ctx: Context, caller: Caller, channel_id: str) -> WatchChann
 
 def check_locations(ctx: Context, caller: Caller, fields: Sequence[tuple[str, Location]]) -> None:
     """Forbidden unless every (field, location) lies inside the caller's roots."""
-    if caller is LOCAL_CALLER and ctx.settings.mode is Mode.LOCAL:
-        return  # local mode: one user on their own machine
+    if caller is LOCAL_CALLER:
+        return  # local mode: one user on their own machine (only LocalAuthenticator answers this caller)
     roots = ctx.settings.access_policy.roots(caller.email)
     for name, location in fields:
         if not _inside_any(ctx, location, roots):
