@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=10_000)
     parser.add_argument("--files-per-series", type=int, default=200)
     parser.add_argument("--create-ms", type=float, default=20.0)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     parser.add_argument("--lifecycle-sample", type=int, default=300, help="series taken through claim and success")
     args = parser.parse_args()
 
@@ -195,8 +196,13 @@ def run(root: Path, host: str, args: argparse.Namespace) -> None:
     submit_seconds = time.perf_counter() - t0
     assert response.status_code == 202, response.data
     batch_id = response.get_json()["batch_id"]
-    if not client.all_created.wait(timeout=600):
-        raise SystemExit(f"only {client.convert_created} of {args.series} convert tasks were created")
+    deadline = time.monotonic() + args.timeout
+    while not client.all_created.wait(timeout=30):
+        progress = store.get_batch(batch_id, counted=False)
+        print(f"  {time.perf_counter() - t0:6.0f} s: {progress.status.value}, {WRITES['n']} documents written, "
+              f"{client.convert_created} convert tasks created", flush=True)  # fmt: skip
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {client.convert_created} of {args.series} convert tasks were created")
     fanout_seconds = time.perf_counter() - t0
     instances.shutdown(wait=True)
     fanout_writes = WRITES["n"]

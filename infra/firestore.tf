@@ -49,6 +49,16 @@ locals {
       collection = "items", scope = "COLLECTION_GROUP"
       fields     = [["state", "ASCENDING"], ["updated_at", "ASCENDING"]]
     }
+    # The batch API shows each caller their own batches, newest first (owner ==, order by created_at)...
+    batches_owner_created = {
+      collection = "batches", scope = "COLLECTION"
+      fields     = [["owner", "ASCENDING"], ["created_at", "DESCENDING"]]
+    }
+    # ...and counts their unfinished ones for the per-submitter limit (owner ==, status in, created_at).
+    batches_owner_status_created = {
+      collection = "batches", scope = "COLLECTION"
+      fields     = [["owner", "ASCENDING"], ["status", "ASCENDING"], ["created_at", "DESCENDING"]]
+    }
     # Batch listings by status, newest first (CLI status, reconciler's stalled expansions).
     batches_status_created = {
       collection = "batches", scope = "COLLECTION"

@@ -214,7 +214,30 @@ locals {
     DICOMFLOW_RETENTION_DAYS          = tostring(var.retention_days)
     DICOMFLOW_LOG_FORMAT              = "json"
     DICOMFLOW_LOG_LEVEL               = var.log_level
-  })
+  }, local.access_env)
+
+  # Access (issue 11): every process gets the same policy, because the batch API enforces it, expansion
+  # applies each owner's listing limits and the changes/renew functions re-check a watch owner's roots.
+  # Unset optional limits are dropped: the code applies its defaults (DICOMFLOW_MAX_*) instead.
+  access_env = {
+    DICOMFLOW_ADMINS = join(",", var.admins)
+    DICOMFLOW_ACCESS_GRANTS = jsonencode({
+      for who, grant in var.access_grants : lower(who) => merge(
+        { roots = grant.roots },
+        { for name, value in {
+          max_unfinished_batches = grant.max_unfinished_batches
+          max_batch_files        = grant.max_batch_files
+          max_batch_bytes        = grant.max_batch_bytes
+        } : name => value if value != null },
+      )
+    })
+    DICOMFLOW_ACCESS_GROUPS          = jsonencode(var.access_groups)
+    DICOMFLOW_MAX_UNFINISHED_BATCHES = tostring(var.max_unfinished_batches)
+    DICOMFLOW_MAX_BATCH_FILES        = tostring(var.max_batch_files)
+    DICOMFLOW_MAX_BATCH_BYTES        = tostring(var.max_batch_bytes)
+    # Tokens for the batch API: minted for its URL (GCP_FACTS §6; Cloud Run checks the same audience).
+    DICOMFLOW_AUTH_AUDIENCES = join(",", concat([local.function_urls.batches], var.api_extra_audiences))
+  }
 
   # Who dicomflow is on Drive: one identity for the worker and every function that touches Drive, so users
   # share their folders with a single account. Either the OAuth user (var.drive_user_oauth), or the

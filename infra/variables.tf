@@ -267,6 +267,80 @@ variable "submitters" {
   }
 }
 
+# --- access (issue 11; docs/operations.md "Users, roots and limits") ----------------------------------------
+
+variable "admins" {
+  description = "E-mails of administrators (users, or groups listed in access_groups): they see, cancel and retry every batch and watch. Everyone else sees only their own."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for a in var.admins : can(regex("^[^@\\s]+@[^@\\s]+$", a))])
+    error_message = "admins must be e-mail addresses."
+  }
+}
+
+variable "access_grants" {
+  description = "Per submitter (user or group e-mail): the Drive folders (drive://FOLDER_ID) inside which their sources and destinations must lie, and optional limits overriding the defaults. Submitters also need var.submitters (IAM) to reach the API at all."
+  type = map(object({
+    roots                  = list(string)
+    max_unfinished_batches = optional(number)
+    max_batch_files        = optional(number)
+    max_batch_bytes        = optional(number)
+  }))
+  default = {}
+
+  validation {
+    condition     = alltrue([for k, g in var.access_grants : can(regex("^[^@\\s]+@[^@\\s]+$", k)) && alltrue([for r in g.roots : can(regex("^drive://[A-Za-z0-9_-]{10,200}$", r))])])
+    error_message = "access_grants keys must be e-mails and roots must be drive://FOLDER_ID."
+  }
+}
+
+variable "access_groups" {
+  description = "Group e-mail -> member e-mails, as dicomflow sees groups in access_grants and admins. ID tokens carry no group claims and the functions do not query Google Groups: keep this in step with the real groups (IAM resolves groups in var.submitters by itself)."
+  type        = map(list(string))
+  default     = {}
+}
+
+variable "max_unfinished_batches" {
+  description = "Default limit of unfinished batches per submitter (0 = none)."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = var.max_unfinished_batches >= 0 && floor(var.max_unfinished_batches) == var.max_unfinished_batches
+    error_message = "max_unfinished_batches must be a whole number >= 0."
+  }
+}
+
+variable "max_batch_files" {
+  description = "Default limit of files one batch may list (0 = none); a larger source fails while it is listed."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.max_batch_files >= 0 && floor(var.max_batch_files) == var.max_batch_files
+    error_message = "max_batch_files must be a whole number >= 0."
+  }
+}
+
+variable "max_batch_bytes" {
+  description = "Default limit of bytes one batch may list (0 = none)."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.max_batch_bytes >= 0 && floor(var.max_batch_bytes) == var.max_batch_bytes
+    error_message = "max_batch_bytes must be a whole number >= 0."
+  }
+}
+
+variable "api_extra_audiences" {
+  description = "ID-token audiences the batch API accepts besides its own URL (e.g. a custom domain; or the client id of gcloud's user tokens, 32555940559.apps.googleusercontent.com, if people call it with plain `gcloud auth print-identity-token` — any token gcloud minted for that user then works here)."
+  type        = list(string)
+  default     = []
+}
+
 variable "settle_seconds" {
   description = "A watched Drive folder is converted once nothing in it has changed for this many seconds (DICOMFLOW_SETTLE_SECONDS)."
   type        = number

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicomflow import logs
+from dicomflow import auth, logs
 from dicomflow.adapters.dcm2niix import Dcm2niixConverter
 from dicomflow.adapters.deidentify import ProfileDeidentifier
 from dicomflow.adapters.dicom_headers import SequentialScanner, ThreadedScanner
@@ -25,6 +25,7 @@ from dicomflow.adapters.heartbeat import ThreadHeartbeat
 from dicomflow.adapters.local.files import LocalFolderSink, LocalFolderSource
 from dicomflow.adapters.local.queue import SqliteTaskQueue, TaskRunner
 from dicomflow.adapters.local.sqlite_store import SqliteStateStore
+from dicomflow.auth import Authenticator
 from dicomflow.config import Mode, Settings
 from dicomflow.domain.failures import ConfigError
 from dicomflow.domain.locations import LocationKind
@@ -66,6 +67,7 @@ def build(
     heartbeat: Heartbeat | None = None,
     new_id: Callable[[int], str] | None = None,
     deidentifier: Deidentifier | None = None,
+    authenticator: Authenticator | None = None,
 ) -> Context:
     clock = clock or time.time
     if settings.mode is Mode.LOCAL:
@@ -95,6 +97,7 @@ def build(
         scan_parallelism=parallelism,
         change_feed=change_feed or (lambda: drive().change_feed()),
         closers=[close_drive],
+        authenticator=authenticator or auth.authenticator(settings),
     )
     if progress is not None:
         ctx.progress = progress
@@ -180,6 +183,14 @@ def _lazy_drive(settings: Settings) -> tuple[Callable[[], Any], Callable[[], Non
             holder.pop().close()
 
     return drive, close
+
+
+def drive_sink(settings: Settings) -> Sink:
+    """A Drive sink with this process's own Drive credentials (`dicomflow smoke` writes its scratch series)."""
+    from dicomflow.adapters.drive.connection import DriveConnection
+
+    sink: Sink = DriveConnection.from_settings(settings).sink()
+    return sink
 
 
 # --- local worker processes -------------------------------------------------------------------------------

@@ -382,6 +382,42 @@ def cancel(batch_id: str, api_url: str | None) -> None:
 
 
 @main.command()
+@API_OPTION
+@click.option("--scratch", required=True, metavar="FOLDER",
+              help="drive://FOLDER_ID the deployment may read and write and you may write (or, for the dev stack, "
+              "a local folder inside its roots); a new sub-folder is made for each run.")  # fmt: skip
+@click.option("--project", default="", help="Check Cloud Logging of this project for the run's log entries.")
+@click.option("--name-prefix", default="dicomflow", show_default=True, help="var.name_prefix of the deployment.")
+@click.option("--logs", "log_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The dev stack's log folder, to check its log entries instead.")  # fmt: skip
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--stall", type=float, default=180.0, show_default=True,
+              help="Report the tasks as not delivered when nothing ran for this many seconds.")  # fmt: skip
+def smoke(
+    api_url: str | None, scratch: str, project: str, name_prefix: str, log_dir: Path | None, timeout: float,
+    stall: float,
+) -> None:  # fmt: skip
+    """After a deploy: convert one tiny synthetic series through the deployment, checking each assumption
+    offline tests cannot (route, token audience, Firestore indexes, Cloud Tasks delivery, logs).
+
+    Every failed check prints what to change; the exit code is 0 only when all passed."""
+    from dicomflow import bootstrap
+    from dicomflow.smoke import Smoke, cloud_logs, local_logs, put_drive, put_local
+
+    api = _api(api_url)
+    if api is None:
+        fail("smoke needs the batch API: pass --api URL or set DICOMFLOW_API_URL")
+    location = _location(scratch, "scratch")
+    put = put_local if location.kind.value == "local" else put_drive(bootstrap.drive_sink(_settings()))
+    logs = local_logs(log_dir) if log_dir else (cloud_logs(project, name_prefix) if project else None)
+    report = Smoke(api, location, put, out=click.echo, timeout=timeout, stall=stall, logs=logs).run()
+    click.echo(
+        f"smoke {'passed' if report.ok else 'FAILED'}" + (f" (batch {report.batch_id})" if report.batch_id else "")
+    )
+    sys.exit(EXIT_OK if report.ok else EXIT_USAGE)
+
+
+@main.command()
 def openapi() -> None:
     """Print the batch API's OpenAPI document (JSON)."""
     from dicomflow.openapi import document
@@ -413,7 +449,9 @@ def dev(log_dir: Path) -> None:
                 click.echo(f"  {name:<20} {url}")
             click.echo(f"firestore:   {stack.firestore_host}   cloud tasks: {stack.tasks_host}")
             click.echo(f"logs:        {log_dir.resolve()}")
-            click.echo(f"\n  export DICOMFLOW_API_URL={stack.api_url.rstrip('/')}\n")
+            click.echo(f"\n  export DICOMFLOW_API_URL={stack.api_url.rstrip('/')}")
+            # The stack verifies tokens like the cloud does; this one (its own issuer's) is valid 12 hours.
+            click.echo(f"  export DICOMFLOW_API_TOKEN={stack.token(lifetime=12 * 3600)}\n")
             click.echo("ready; press Ctrl-C to stop")
             while True:
                 time.sleep(3600)
@@ -553,22 +591,36 @@ def watch() -> None:
 @click.option("--no-compress", is_flag=True, help="Write .nii instead of .nii.gz.")
 @click.option("--merge-2d", type=click.Choice(ConversionOptions.MERGE_CHOICES), default="auto", show_default=True)
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
+@click.option("--owner", default="", help="Without --api: record this e-mail as the owner of the watch's batches.")
+@API_OPTION
 def watch_add(
-    folder: str, destination: str, label: str, no_compress: bool, merge_2d: str, state_path: str | None
-) -> None:
+    folder: str, destination: str, label: str, no_compress: bool, merge_2d: str, state_path: str | None, owner: str,
+    api_url: str | None,
+) -> None:  # fmt: skip
     """Open a Drive changes channel for FOLDER. New uploads are converted once the folder has been quiet
-    for DICOMFLOW_SETTLE_SECONDS; notifications go to DICOMFLOW_WEBHOOK_URL, signed with
-    DICOMFLOW_WEBHOOK_TOKEN."""
-    from dicomflow.services.drive_changes import add_watch, channel_summary
+    for DICOMFLOW_SETTLE_SECONDS; notifications go to DICOMFLOW_WEBHOOK_URL with a token of the channel's own.
 
-    ctx = _watch_context(state_path)
+    With --api (or DICOMFLOW_API_URL) the watch is yours and FOLDER and DEST must lie inside your granted
+    roots; without, an operator opens it directly in the state store."""
+    from dicomflow.services.drive_changes import add_watch, channel_summary
 
     def as_drive(text: str, field: str) -> Location:
         return _location(text if "://" in text else f"drive://{text}", field)
 
+    options = ConversionOptions(compress=not no_compress, merge_2d=merge_2d)
+    api = _api(api_url)
+    if api is not None:
+        body = {"folder": as_drive(folder, "folder").uri, "destination": as_drive(destination, "destination").uri,
+                "options": options.to_dict(), "label": label}  # fmt: skip
+        try:
+            print_json(sys.stdout, api.add_watch(body))
+        except DicomflowError as exc:
+            fail(exc.reason)
+        return
+    ctx = _watch_context(state_path)
     try:
-        channel = add_watch(ctx, as_drive(folder, "folder"), as_drive(destination, "destination"),
-                            ConversionOptions(compress=not no_compress, merge_2d=merge_2d), label)  # fmt: skip
+        channel = add_watch(ctx, as_drive(folder, "folder"), as_drive(destination, "destination"), options, label,
+                            owner=owner.strip().lower())  # fmt: skip
     except DicomflowError as exc:
         fail(exc.reason)
     print_json(sys.stdout, channel_summary(channel))
@@ -577,10 +629,22 @@ def watch_add(
 @watch.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Include stopped channels.")
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
-def watch_list(show_all: bool, state_path: str | None) -> None:
-    """The watch channels, with their folders and expiry."""
+@API_OPTION
+def watch_list(show_all: bool, state_path: str | None, api_url: str | None) -> None:
+    """The watch channels, with their folders and expiry (with --api: yours)."""
     from dicomflow.services.drive_changes import channel_summary
 
+    api = _api(api_url)
+    if api is not None:
+        try:
+            watches = api.watches()
+        except DicomflowError as exc:
+            fail(exc.reason)
+        for w in watches:
+            click.echo(f"{w['channel_id']}  {w['folder']} -> {w['destination']}  {w.get('label', '')}")
+        if not watches:
+            click.echo("no watch channels")
+        return
     ctx = _watch_context(state_path)
     channels = ctx.store.list_channels(active_only=not show_all)
     if not channels:
@@ -595,10 +659,19 @@ def watch_list(show_all: bool, state_path: str | None) -> None:
 @watch.command("remove")
 @click.argument("channel_id")
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
-def watch_remove(channel_id: str, state_path: str | None) -> None:
+@API_OPTION
+def watch_remove(channel_id: str, state_path: str | None, api_url: str | None) -> None:
     """Stop a watch channel (Drive channels.stop); uploads are no longer converted automatically."""
     from dicomflow.services.drive_changes import remove_watch
 
+    api = _api(api_url)
+    if api is not None:
+        try:
+            api.stop_watch(channel_id)
+        except DicomflowError as exc:
+            fail(exc.reason)
+        click.echo(f"stopped {channel_id}")
+        return
     ctx = _watch_context(state_path)
     try:
         remove_watch(ctx, channel_id)

@@ -8,13 +8,15 @@ is accepted. In the cloud, Terraform sets these variables (infra/worker.tf, infr
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-from dicomflow.domain.failures import ConfigError
+from dicomflow.domain.access import AccessPolicy, Limits, parse_grants, parse_groups
+from dicomflow.domain.failures import ConfigError, InvalidInput
 from dicomflow.domain.retry import RetryPolicy
 
 ENV_PREFIX = "DICOMFLOW_"
@@ -80,6 +82,33 @@ class Settings:
     idempotency_ttl_hours: int = _setting(24, "how long an Idempotency-Key is remembered")
 
     allow_local_paths: bool = _setting(False, "accept local folder paths in the batch API (the dev stack only)")
+    local_roots: str = _setting(
+        "", "comma-separated folders: local paths in the batch API must lie inside one (the dev stack's roots)"
+    )
+
+    # Access (issue 11; docs/operations.md "Users, roots and limits"). The caller is the e-mail of the
+    # Google-signed ID token on each batch API request, verified here again (signature, audience, expiry).
+    auth_certs_url: str = _setting(
+        "https://www.googleapis.com/oauth2/v1/certs", "public keys of the ID-token issuer (Google's by default)"
+    )
+    auth_issuers: str = _setting(
+        "https://accounts.google.com,accounts.google.com", "comma-separated accepted `iss` claims of ID tokens"
+    )
+    auth_audiences: str = _setting(
+        "", "comma-separated accepted `aud` claims of batch API tokens (default: DICOMFLOW_PUBLIC_URL)"
+    )
+    admins: str = _setting("", "comma-separated e-mails (users or groups) who see and act on every batch and watch")
+    access_grants: str = _setting(
+        "",
+        'JSON: {"user-or-group@email": ["drive://ROOT_ID", ...] or {"roots": [...], "max_unfinished_batches": n, '
+        '"max_batch_files": n, "max_batch_bytes": n}}; sources and destinations must lie inside the caller\'s roots',
+    )
+    access_groups: str = _setting(
+        "", 'JSON: {"group@email": ["member@email", ...]}: group membership as the grants and admins see it'
+    )
+    max_unfinished_batches: int = _setting(10, "unfinished batches one submitter may have at once (0 = no limit)")
+    max_batch_files: int = _setting(0, "files one batch may list (0 = no limit); checked while listing")
+    max_batch_bytes: int = _setting(0, "bytes one batch may list (0 = no limit); checked while listing")
 
     # cloud wiring (set by Terraform)
     project: str = _setting("", "Google Cloud project id")
@@ -142,6 +171,41 @@ class Settings:
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    @property
+    def access_policy(self) -> AccessPolicy:
+        """Administrators, granted roots, groups and limits, parsed from their settings (checked at start-up)."""
+        return AccessPolicy(
+            admins=frozenset(a.lower() for a in _items(self.admins)),
+            grants=parse_grants(_json(self.access_grants, "access_grants"), env_name("access_grants")),
+            groups=parse_groups(_json(self.access_groups, "access_groups"), env_name("access_groups")),
+            default_limits=Limits(self.max_unfinished_batches, self.max_batch_files, self.max_batch_bytes),
+        )
+
+    @property
+    def audiences(self) -> tuple[str, ...]:
+        """Accepted `aud` claims of batch API tokens: DICOMFLOW_AUTH_AUDIENCES, else the API's public URL."""
+        return _items(self.auth_audiences) or _items(self.public_url.rstrip("/"))
+
+    @property
+    def task_audiences(self) -> tuple[str, ...]:
+        """Accepted `aud` claims of task tokens: Cloud Tasks sets the target URL (adapters/cloud_tasks.py), and
+        every target is ours and called by the same service account, so any of them is accepted."""
+        urls = (self.worker_url, self.expand_url, self.dead_letter_url, self.changes_url)
+        return tuple(sorted({u for u in urls if u} | {u.rstrip("/") for u in urls if u}))
+
+
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _json(text: str, name: str) -> object:
+    if not text.strip():
+        return {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{env_name(name)} is not valid JSON: {exc}") from None
 
 
 def env_name(setting: str) -> str:
@@ -247,6 +311,9 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("max_batch_sources", lambda v: v >= 1, "must be >= 1"),
     ("max_batch_series", lambda v: v >= 1, "must be >= 1"),
     ("idempotency_ttl_hours", lambda v: v >= 1, "must be >= 1"),
+    ("max_unfinished_batches", lambda v: v >= 0, "must be >= 0"),
+    ("max_batch_files", lambda v: v >= 0, "must be >= 0"),
+    ("max_batch_bytes", lambda v: v >= 0, "must be >= 0"),
     ("settle_seconds", lambda v: v >= 0, "must be >= 0"),
     ("webhook_window_seconds", lambda v: 1 <= v <= 600, "must be between 1 and 600"),
     ("channel_ttl_seconds", lambda v: 60 <= v <= 604_800, "must be between 60 and 604800 (Drive's maximum)"),
@@ -278,6 +345,10 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{env_name(name)}={getattr(settings, name)!r} {message}")
     if settings.retry_max_backoff_seconds < settings.retry_min_backoff_seconds:
         raise ConfigError(f"{env_name('retry_max_backoff_seconds')} must be >= {env_name('retry_min_backoff_seconds')}")
+    try:
+        settings.access_policy  # noqa: B018 - parsed now so a bad grant fails at start-up, naming the variable
+    except InvalidInput as exc:
+        raise ConfigError(f"{exc.field}: {exc.reason}") from None
     if settings.convert_timeout_seconds >= settings.dispatch_deadline_seconds and settings.mode is Mode.CLOUD:
         raise ConfigError(
             f"{env_name('convert_timeout_seconds')} must be shorter than "

@@ -22,11 +22,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from dicomflow.config import Settings, env_name
+from dicomflow.dev_issuer import DevIssuer
 from dicomflow.domain.failures import ConfigError
 
 PROJECT = "dicomflow-dev"
@@ -146,6 +149,22 @@ def queue_ids(settings: Settings) -> list[str]:
     return [settings.queue_convert, settings.queue_dead_letter, settings.queue_expand, settings.queue_changes]
 
 
+# gcloud-tasks-emulator binds its gRPC server to [::]:PORT whatever it is told (GCP_FACTS §4): every
+# interface of the machine. This launcher runs the same emulator with that one call bound to 127.0.0.1.
+_LOOPBACK_TASKS_EMULATOR = """
+import runpy, sys, grpc
+_server = grpc.server
+def _loopback_server(*args, **kwargs):
+    server = _server(*args, **kwargs)
+    add = server.add_insecure_port
+    server.add_insecure_port = lambda address: add(address.replace("[::]:", "127.0.0.1:"))
+    return server
+grpc.server = _loopback_server
+sys.argv[0] = "gcloud_tasks_emulator"
+runpy.run_module("gcloud_tasks_emulator", run_name="__main__", alter_sys=True)
+"""
+
+
 def start_tasks_emulator(
     python: str, log_dir: Path, project: str, queues: list[str], *, max_retries: int, port: int | None = None
 ) -> tuple[Managed, str]:
@@ -156,7 +175,7 @@ def start_tasks_emulator(
             f"gcloud-tasks-emulator is not installed at {python}; run `make tools` (it lives in its own virtualenv)"
         )
     port = port or free_port()
-    args = [python, "-m", "gcloud_tasks_emulator", "start", f"--port={port}", f"--max-retries={max_retries}"]
+    args = [python, "-c", _LOOPBACK_TASKS_EMULATOR, "start", f"--port={port}", f"--max-retries={max_retries}"]
     for queue in queues:
         args.append(f"--default-queue=projects/{project}/locations/{REGION}/queues/{queue}")
     managed = start_process("tasks-emulator", args, log_dir)
@@ -179,6 +198,11 @@ def _venv_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+DEV_USER = "developer@dicomflow.dev"  # the dev stack's default user: an administrator with its roots
+TASK_ROUTES = {"convert": "worker", "expand": "expand_task", "dead-letter": "dead_letter_task",
+               "changes": "drive_changes_task"}  # fmt: skip
+
+
 @dataclass
 class DevStack:
     settings_env: dict[str, str]
@@ -187,14 +211,27 @@ class DevStack:
     firestore_host: str = ""
     tasks_host: str = ""
     log_dir: Path = Path()
+    issuer: DevIssuer | None = None
+    gateway: Gateway | None = None
+    public_url: str = ""
 
     @property
     def api_url(self) -> str:
-        return self.urls["batches_api"]
+        return self.public_url or self.urls["batches_api"]
+
+    def token(self, email: str = DEV_USER, **claims: Any) -> str:
+        """An ID token for the batch API signed by the stack's issuer (what Google signs in the cloud)."""
+        if self.issuer is None:
+            raise ConfigError("the dev stack's issuer is not running")
+        return self.issuer.token(email, self.api_url.rstrip("/"), **claims)
 
     def stop(self) -> None:
         for managed in reversed(list(self.processes.values())):
             managed.stop()
+        if self.gateway is not None:
+            self.gateway.stop()
+        if self.issuer is not None:
+            self.issuer.stop()
 
     def restart(self, name: str) -> None:
         """Start a stopped or killed component again on its port (Cloud Run replacing an instance)."""
@@ -209,11 +246,91 @@ class DevStack:
         return self.urls[name]
 
 
+class Gateway:
+    """Loopback hops the dev stack puts where Google's infrastructure stands in production:
+
+    - Cloud Tasks attaches an OIDC token of the tasks service account to every delivery; the emulator
+      does not (GCP_FACTS §4). Tasks are addressed to `/<queue>/` here; the gateway adds a token signed by
+      the stack's issuer (audience: the URL the task was addressed to, as Cloud Tasks does) and forwards.
+    - Failure modes for `dicomflow smoke`: `block_convert` answers convert deliveries 403 like a Cloud Run
+      ingress or invoker setting that keeps Cloud Tasks out; `api_prefix` serves the batch API at a URL
+      whose paths reach the function with an extra prefix, like a proxy that does not strip its route.
+    """
+
+    def __init__(self, issuer: DevIssuer, tasks_email: str) -> None:
+        self.issuer = issuer
+        self.tasks_email = tasks_email
+        self.upstreams: dict[str, str] = {}
+        self.api_upstream = ""
+        self.api_prefix = ""
+        self.block_convert = False
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                gateway.forward(self, b"")
+
+            def do_POST(self) -> None:
+                gateway.forward(self, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+            def log_message(self, *_args: object) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def task_url(self, queue: str) -> str:
+        return f"{self.base}/{queue}/"
+
+    def forward(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        queue = handler.path.strip("/").split("/")[0]
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "content-length")}
+        if queue in self.upstreams and handler.command == "POST":
+            if queue == "convert" and self.block_convert:
+                self._answer(handler, 403, b'{"title": "Forbidden", "detail": "blocked by ingress (dev stack)"}')
+                return
+            # Whatever the sender claimed, the token is the gateway's: like Cloud Tasks, which sets it itself.
+            headers["Authorization"] = "Bearer " + self.issuer.token(self.tasks_email, self.task_url(queue))
+            target = self.upstreams[queue]
+        elif self.api_upstream:
+            target = self.api_upstream.rstrip("/") + self.api_prefix + handler.path
+        else:
+            self._answer(handler, 404, b'{"title": "Not Found"}')
+            return
+        request = urllib.request.Request(target, data=body if handler.command == "POST" else None,  # noqa: S310
+                                         method=handler.command, headers=headers)  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=1900) as response:  # noqa: S310 - loopback
+                status, answer, kind = response.status, response.read(), response.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            status, answer, kind = exc.code, exc.read(), exc.headers.get("Content-Type", "")
+        except OSError as exc:
+            status, answer, kind = 502, str(exc).encode(), "text/plain"
+        self._answer(handler, status, answer, kind)
+
+    @staticmethod
+    def _answer(handler: BaseHTTPRequestHandler, status: int, body: bytes, kind: str = "application/json") -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", kind or "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def _start_app(name: str, env: Mapping[str, str], urls: Mapping[str, str], log_dir: Path) -> Managed:
     port = int(urls[name].rsplit(":", 1)[1].split("/")[0])
     child_env = {**os.environ, **env, "PORT": str(port)}
     if name.startswith("worker"):
-        # The image runs the installed package; here the same command runs in this virtualenv.
+        # The image runs the installed package; here the same command runs in this virtualenv, bound to
+        # loopback (gunicorn binds 0.0.0.0:$PORT when given no --bind).
+        child_env["GUNICORN_CMD_ARGS"] = f"{env.get('GUNICORN_CMD_ARGS', '')} --bind=127.0.0.1:{port}".strip()
         command = dockerfile_cmd()
         command[0] = _venv_bin(command[0])
         managed = start_process(name, command, log_dir, env=child_env, cwd=REPO / "container")
@@ -235,11 +352,26 @@ def dev_stack(
     firestore_host: str = "",
     reconcile_loop: bool = True,
     project: str = PROJECT,
+    local_roots: Sequence[Path] = (),
+    task_upstreams: Mapping[str, str] | None = None,
+    api_prefix: str = "",
+    block_worker: bool = False,
 ) -> Iterator[DevStack]:
     """Start everything; stop everything on exit. `firestore_host` reuses a running emulator; a distinct
-    `project` keeps this stack's data apart from another stack's on the same emulator."""
+    `project` keeps this stack's data apart from another stack's on the same emulator.
+
+    Access works as in the cloud: the stack's own issuer signs ID tokens (`stack.token(email)`), the
+    functions verify them, and Cloud Tasks' OIDC tokens are added by the gateway. Local paths are accepted
+    only under `local_roots` (default: DICOMFLOW_LOCAL_ROOTS, else the current folder). Without grants in
+    `settings`, DEV_USER is an administrator granted those roots. `task_upstreams` sends a queue's
+    deliveries elsewhere (an interceptor in tests); `api_prefix` and `block_worker` plant the mistakes
+    `dicomflow smoke` must report."""
     stack = DevStack(settings_env={}, urls={}, log_dir=log_dir)
     try:
+        stack.issuer = DevIssuer()
+        certs_url = stack.issuer.start()
+        tasks_email = f"dicomflow-tasks@{project}.iam.gserviceaccount.com"
+        stack.gateway = Gateway(stack.issuer, tasks_email)
         if firestore_host:
             stack.firestore_host = firestore_host
         else:
@@ -251,19 +383,34 @@ def dev_stack(
         )
         stack.processes["tasks"] = managed
         stack.urls = {name: f"http://127.0.0.1:{free_port()}/" for name in (*FUNCTIONS, "worker")}
+        gateway = stack.gateway
+        gateway.upstreams = {queue: stack.urls[name] for queue, name in TASK_ROUTES.items()}
+        gateway.upstreams.update(task_upstreams or {})
+        gateway.block_convert = block_worker
+        stack.public_url = stack.urls["batches_api"].rstrip("/")
+        if api_prefix:
+            gateway.api_upstream, gateway.api_prefix = stack.urls["batches_api"], "/" + api_prefix.strip("/")
+            stack.public_url = gateway.base
+        roots = [str(Path(r).resolve()) for r in local_roots] or list(_items(settings.local_roots)) or [str(Path.cwd())]
         env = {
             env_name("mode"): "cloud",
             env_name("project"): project,
             env_name("region"): REGION,
             env_name("tasks_emulator_host"): stack.tasks_host,
             env_name("allow_local_paths"): "true",
+            env_name("local_roots"): ",".join(roots),
             env_name("log_format"): "json",
-            env_name("worker_url"): stack.urls["worker"],
-            env_name("expand_url"): stack.urls["expand_task"],
-            env_name("dead_letter_url"): stack.urls["dead_letter_task"],
-            env_name("changes_url"): stack.urls["drive_changes_task"],
-            env_name("public_url"): stack.urls["batches_api"].rstrip("/"),
+            env_name("worker_url"): gateway.task_url("convert"),
+            env_name("expand_url"): gateway.task_url("expand"),
+            env_name("dead_letter_url"): gateway.task_url("dead-letter"),
+            env_name("changes_url"): gateway.task_url("changes"),
+            env_name("public_url"): stack.public_url,
             env_name("webhook_url"): stack.urls["drive_webhook"],
+            env_name("auth_certs_url"): certs_url,
+            env_name("auth_issuers"): stack.issuer.issuer,
+            env_name("tasks_service_account"): tasks_email,
+            env_name("admins"): settings.admins or DEV_USER,
+            env_name("access_grants"): settings.access_grants or json.dumps({DEV_USER: roots}),
             "FIRESTORE_EMULATOR_HOST": stack.firestore_host,
             "GOOGLE_CLOUD_PROJECT": project,
         }
@@ -272,7 +419,8 @@ def dev_stack(
             "dispatch_deadline_seconds", "expand_dispatch_deadline_seconds", "dead_letter_dispatch_deadline_seconds",
             "changes_dispatch_deadline_seconds", "convert_timeout_seconds", "lease_seconds", "answer_margin_seconds",
             "settle_seconds", "retention_days", "webhook_token", "drive_endpoint", "work_dir", "webhook_window_seconds",
-            "drive_identity", "drive_max_retry_sleep_seconds",
+            "drive_identity", "drive_max_retry_sleep_seconds", "access_groups", "max_unfinished_batches",
+            "max_batch_files", "max_batch_bytes",
         ):  # fmt: skip
             value = getattr(settings, f)
             if value not in ("", None):
@@ -302,6 +450,10 @@ def dev_stack(
                 loop.join(timeout=5)
     finally:
         stack.stop()
+
+
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _reconcile_loop(stack: DevStack, interval: float, stop: threading.Event) -> None:

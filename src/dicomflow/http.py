@@ -21,26 +21,37 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter, Map, Rule
 
 from dicomflow.config import Mode, Settings
+from dicomflow.domain.access import Caller, can_see
 from dicomflow.domain.failures import (
     AccessDenied,
     Conflict,
     DestinationConflict,
     DestinationNotWritable,
     DicomflowError,
+    Forbidden,
     InvalidInput,
     NotFound,
+    QuotaExceeded,
     SourceNotFound,
     StorageQuotaExceeded,
+    Unauthenticated,
 )
 from dicomflow.domain.locations import Location, LocationKind, parse_location
 from dicomflow.domain.model import Item, ItemState
 from dicomflow.domain.paths import display
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.ports import Attempt, QueueName
+from dicomflow.services import access
 from dicomflow.services.batches import cancel_batch
 from dicomflow.services.context import Context
 from dicomflow.services.dead_letter import retry_dead_letters
-from dicomflow.services.drive_changes import handle_webhook, renew_channels
+from dicomflow.services.drive_changes import (
+    add_watch,
+    channel_summary,
+    handle_webhook,
+    remove_watch,
+    renew_channels,
+)
 from dicomflow.services.progress import batch_view
 from dicomflow.services.reconcile import reconcile
 from dicomflow.services.submit import BatchRequest, submit
@@ -78,6 +89,7 @@ def problem(
 
 _STATUS_TITLES = {
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -85,12 +97,29 @@ _STATUS_TITLES = {
     413: "Payload Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     503: "Service Unavailable",
 }
 
 
+def _access_error(exc: DicomflowError) -> Response | None:
+    if isinstance(exc, Unauthenticated):
+        # RFC 6750 §3: a 401 names the scheme; `invalid_token` when a token was sent and refused.
+        challenge = 'Bearer realm="dicomflow"' + (', error="invalid_token"' if "not valid" in exc.reason else "")
+        return problem(401, "Unauthorized", exc.reason, headers={"WWW-Authenticate": challenge})
+    if isinstance(exc, Forbidden):
+        return problem(403, "Forbidden", exc.reason, field=exc.field)
+    if isinstance(exc, QuotaExceeded):
+        return problem(429, "Too Many Requests", exc.reason)
+    return None
+
+
 def error_response(exc: DicomflowError) -> Response:
-    """Map the failure taxonomy to HTTP: the caller's input (4xx) versus a passing outage (503)."""
+    """Map the failure taxonomy to HTTP: who the caller is and what they may do (401/403/429), the
+    caller's input (4xx) versus a passing outage (503)."""
+    denied = _access_error(exc)
+    if denied is not None:
+        return denied
     if isinstance(exc, InvalidInput):
         return problem(422, "Invalid request", exc.reason, field=exc.field)
     if isinstance(exc, NotFound):
@@ -219,11 +248,17 @@ def handle_task_request(provider: ContextProvider, queue: QueueName, request: Re
     if request.method != "POST":
         return problem(405, "Method Not Allowed", "tasks are delivered with POST")
     try:
+        ctx = provider()
+        # Beside IAM (only the tasks service account may invoke): the OIDC token Cloud Tasks attaches must
+        # be valid and be that account's, or the delivery is refused before its body is even read.
+        ctx.authenticator.task_sender(request.headers.get("Authorization"))
+    except DicomflowError as exc:
+        return error_response(exc)
+    try:
         payload = read_json(request)
     except _HttpError as exc:
         return exc.response
     try:
-        ctx = provider()
         attempt = task_attempt(request, received_at=ctx.clock(), deadline=dispatch_deadline(ctx.settings, queue))
         result = handle_task(ctx, queue, payload, attempt)
     except DicomflowError as exc:
@@ -249,6 +284,9 @@ _ROUTES = Map(
         Rule("/batches/<batch_id:batch_id>", methods=["GET"], endpoint="get"),
         Rule("/batches/<batch_id:batch_id>:retry-dead-letters", methods=["POST"], endpoint="retry"),
         Rule("/batches/<batch_id:batch_id>:cancel", methods=["POST"], endpoint="cancel"),
+        Rule("/watches", methods=["POST"], endpoint="watch_add"),
+        Rule("/watches", methods=["GET"], endpoint="watch_list"),
+        Rule("/watches/<batch_id:channel_id>:stop", methods=["POST"], endpoint="watch_stop"),
         Rule("/openapi.json", methods=["GET"], endpoint="openapi"),
         Rule("/healthz", methods=["GET"], endpoint="health"),
     ],
@@ -285,23 +323,34 @@ def _dispatch(provider: ContextProvider, endpoint: str, args: Mapping[str, Any],
     if endpoint == "health":
         return json_response({"status": "ok"})
     ctx = provider()
+    caller = ctx.authenticator.caller(request.headers.get("Authorization"))
+    if endpoint.startswith("watch_"):
+        return _watches(ctx, caller, endpoint, args, request)
     if endpoint == "submit":
         key = request.headers.get("Idempotency-Key")
         if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isprintable()):
             raise InvalidInput(f"must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters", field="Idempotency-Key")
         allow_local = ctx.settings.mode is Mode.LOCAL or ctx.settings.allow_local_paths
         batch_request = parse_batch_request(read_json(request), allow_local=allow_local)
-        result = submit(ctx, batch_request, key)
+        # Authorization before anything touches the folders: a refusal names no file (issue 11).
+        access.check_locations(ctx, caller, _location_fields(batch_request))
+        access.check_unfinished(ctx, caller)
+        result = submit(ctx, batch_request, key, owner=caller.owner)
         url = status_url(ctx, request, result.batch.batch_id)
         body = {"batch_id": result.batch.batch_id, "status": result.batch.status.value, "status_url": url,
                 "created": result.created}  # fmt: skip
         return json_response(body, status=202, headers={"Location": url})
     if endpoint == "list":
         limit = _int_param(request, "limit", 20, 1, 100)
-        return json_response({"batches": [_batch_json(b) for b in ctx.store.list_batches(limit=limit)]})
+        return json_response({"batches": [_batch_json(b) for b in access.visible_batches(ctx, caller, limit)]})
     batch_id = args["batch_id"]
+    # Someone else's batch is answered exactly like a batch that does not exist.
     if endpoint == "get":
-        return json_response(_status_json(ctx, request, batch_id))
+        status = _status_json(ctx, request, batch_id)  # checked on the batch it read: no second read
+        if not can_see(caller, str(status["owner"])):
+            raise access.not_found(batch_id)
+        return json_response(status)
+    access.visible_batch(ctx, caller, batch_id, counted=False)
     if endpoint == "retry":
         batch, count = retry_dead_letters(ctx, batch_id)
         # Accepted: a redrive task moves the series back into the queue (GET the batch to follow it).
@@ -310,6 +359,44 @@ def _dispatch(provider: ContextProvider, endpoint: str, args: Mapping[str, Any],
         )
     batch = cancel_batch(ctx, batch_id)
     return json_response(_batch_json(batch), status=202)
+
+
+def _location_fields(batch_request: BatchRequest) -> list[tuple[str, Location]]:
+    sources = batch_request.sources
+    named = [("source", sources[0])] if len(sources) == 1 else [(f"source[{i}]", s) for i, s in enumerate(sources)]
+    return [*named, ("destination", batch_request.destination)]
+
+
+_WATCH_FIELDS = {"folder", "destination", "options", "label"}
+
+
+def _watches(ctx: Context, caller: Caller, endpoint: str, args: Mapping[str, Any], request: Request) -> Response:
+    """Drive watches through the API: opened and stopped by their owner, under the same folder rules."""
+    if endpoint == "watch_list":
+        channels = [c for c in ctx.store.list_channels() if can_see(caller, c.owner)]
+        return json_response({"watches": [channel_summary(c) for c in channels]})
+    if endpoint == "watch_stop":
+        channel = access.visible_channel(ctx, caller, args["channel_id"])
+        return json_response(channel_summary(remove_watch(ctx, channel.channel_id)))
+    body = read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object", field="body")
+    unknown = sorted(set(body) - _WATCH_FIELDS)
+    if unknown:
+        raise InvalidInput(f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_WATCH_FIELDS))}",
+                           field=unknown[0])  # fmt: skip
+    for required in ("folder", "destination"):
+        if required not in body:
+            raise InvalidInput("is required", field=required)
+    folder = _location(body["folder"], "folder", allow_local=False)
+    destination = _location(body["destination"], "destination", allow_local=False)
+    options = parse_batch_request(
+        {"source": folder.uri, "destination": destination.uri, "options": body.get("options", {})}, allow_local=False
+    ).options
+    label = _expect(body.get("label", ""), str, "label", "a string")
+    access.check_locations(ctx, caller, [("folder", folder), ("destination", destination)])
+    channel = add_watch(ctx, folder, destination, options, label, owner=caller.owner)
+    return json_response(channel_summary(channel), status=201)
 
 
 def status_url(ctx: Context, request: Request, batch_id: str) -> str:
@@ -342,6 +429,7 @@ def _batch_json(batch: Any) -> dict[str, Any]:
         "files_seen": batch.files_seen,
         "files_ignored": batch.files_ignored,
         "failure": batch.failure.to_dict() if batch.failure else None,
+        "owner": batch.owner,
     }
 
 

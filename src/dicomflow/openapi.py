@@ -14,6 +14,14 @@ _BATCH_ID = {
 }
 
 
+_CHANNEL_ID = {
+    "name": "channel_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+}
+
+
 def _problems(*codes: int) -> dict[str, Any]:
     return {str(code): _PROBLEM for code in codes}
 
@@ -57,6 +65,7 @@ def document() -> dict[str, Any]:
             "files_seen": {"type": "integer"},
             "files_ignored": {"type": "integer", "description": "files that were not DICOM images"},
             "failure": {"$ref": "#/components/schemas/Failure"},
+            "owner": {"type": "string", "description": "e-mail of the caller who submitted it"},
         },
         "required": ["batch_id", "status", "counters"],
     }
@@ -91,7 +100,63 @@ def document() -> dict[str, Any]:
             "description": "Submit DICOM folders for conversion to NIfTI, follow progress, retry or cancel. "
             "Errors are application/problem+json (RFC 9457) and name the offending `field`.",
         },
+        "security": [{"googleIdToken": []}],
         "paths": {
+            "/watches": {
+                "post": {
+                    "operationId": "addWatch",
+                    "summary": "Convert new exams in a Drive folder automatically (Drive push notifications)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/WatchRequest"}}},
+                    },
+                    "responses": {
+                        "201": {
+                            "description": "the watch channel",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Watch"}}},
+                        },
+                        **_problems(400, 401, 403, 413, 415, 422, 503),
+                    },
+                },
+                "get": {
+                    "operationId": "listWatches",
+                    "summary": "The caller's active watches",
+                    "responses": {
+                        "200": {
+                            "description": "watches",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "watches": {
+                                                "type": "array",
+                                                "items": {"$ref": "#/components/schemas/Watch"},
+                                            }
+                                        },
+                                        "required": ["watches"],
+                                    }
+                                }
+                            },
+                        },
+                        **_problems(401, 503),
+                    },
+                },
+            },
+            "/watches/{channel_id}:stop": {
+                "post": {
+                    "operationId": "stopWatch",
+                    "summary": "Stop a watch: uploads are no longer converted automatically",
+                    "parameters": [_CHANNEL_ID],
+                    "responses": {
+                        "200": {
+                            "description": "stopped",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Watch"}}},
+                        },
+                        **_problems(401, 404, 503),
+                    },
+                }
+            },
             "/batches": {
                 "post": {
                     "operationId": "submitBatch",
@@ -115,7 +180,7 @@ def document() -> dict[str, Any]:
                             "headers": {"Location": {"schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
                         },
-                        **_problems(400, 409, 413, 415, 422, 503),
+                        **_problems(400, 401, 403, 409, 413, 415, 422, 429, 503),
                     },
                 },
                 "get": {
@@ -142,7 +207,7 @@ def document() -> dict[str, Any]:
                                 }
                             },
                         },
-                        **_problems(422, 503),
+                        **_problems(401, 422, 503),
                     },
                 },
             },
@@ -169,7 +234,7 @@ def document() -> dict[str, Any]:
                             "description": "the batch",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchStatus"}}},
                         },
-                        **_problems(404, 422, 503),
+                        **_problems(401, 404, 422, 503),
                     },
                 }
             },
@@ -191,7 +256,7 @@ def document() -> dict[str, Any]:
                                 }
                             },
                         },
-                        **_problems(404, 409, 503),
+                        **_problems(401, 404, 409, 503),
                     },
                 }
             },
@@ -205,12 +270,23 @@ def document() -> dict[str, Any]:
                             "description": "cancelled",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Batch"}}},
                         },
-                        **_problems(404, 409, 503),
+                        **_problems(401, 404, 409, 503),
                     },
                 }
             },
         },
         "components": {
+            "securitySchemes": {
+                "googleIdToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "A Google-signed ID token whose audience is the API's URL and whose `email` is "
+                    "the caller (e.g. `gcloud auth print-identity-token`). The caller sees and acts on their own "
+                    "batches and watches only (administrators on all); anyone else's answer 404. Sources and "
+                    "destinations must lie inside the Drive folders granted to the caller (else 403).",
+                }
+            },
             "schemas": {
                 "Options": {
                     "type": "object",
@@ -250,6 +326,30 @@ def document() -> dict[str, Any]:
                         "status": {"type": "string"},
                         "status_url": {"type": "string"},
                         "created": {"type": "boolean", "description": "false when an Idempotency-Key matched"},
+                    },
+                },
+                "WatchRequest": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["folder", "destination"],
+                    "properties": {
+                        "folder": {"type": "string", "description": "drive://FOLDER_ID to watch"},
+                        "destination": {"type": "string", "description": "drive://FOLDER_ID for the NIfTI"},
+                        "options": {"$ref": "#/components/schemas/Options"},
+                        "label": {"type": "string"},
+                    },
+                },
+                "Watch": {
+                    "type": "object",
+                    "required": ["channel_id", "folder", "destination", "active"],
+                    "properties": {
+                        "channel_id": {"type": "string"},
+                        "folder": {"type": "string"},
+                        "destination": {"type": "string"},
+                        "expires_at": {"type": "number"},
+                        "active": {"type": "boolean"},
+                        "label": {"type": "string"},
+                        "owner": {"type": "string"},
                     },
                 },
                 "Counters": counters,

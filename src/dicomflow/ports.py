@@ -272,6 +272,14 @@ class WatchChannel:
     options: Mapping[str, Any] = field(default_factory=dict)
     label: str = ""
     active: bool = True
+    owner: str = ""  # who opened the watch; the batches it starts are theirs ("" = an operator's watch)
+    # SHA-256 of this channel's own token (Drive echoes the token in X-Goog-Channel-Token): the webhook
+    # compares hashes in constant time, and the token itself is never stored. "" on channels opened
+    # before per-channel tokens, which fall back to the shared DICOMFLOW_WEBHOOK_TOKEN until renewed.
+    token_hash: str = ""
+    # The highest X-Goog-Message-Number accepted: a replayed or older message is ignored (GCP_FACTS §2:
+    # numbers increase but are not sequential).
+    last_message: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,9 +319,15 @@ class StateStore(Protocol):
         state in Firestore), `counters` is the snapshot stored with the batch."""
 
     def list_batches(
-        self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
+        self,
+        limit: int = 20,
+        statuses: frozenset[BatchStatus] | None = None,
+        *,
+        counted: bool = True,
+        owner: str | None = None,
     ) -> list[Batch]:
-        """Most recent first; only those in `statuses` when given. `counted` as for get_batch."""
+        """Most recent first; only those in `statuses` when given, only those of `owner` when given (""
+        selects the batches without an owner). `counted` as for get_batch."""
 
     def update_batch(self, batch_id: str, change: BatchChange) -> tuple[Batch, bool]: ...
 

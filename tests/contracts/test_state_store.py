@@ -291,6 +291,25 @@ def test_batches_update_atomically_and_list_newest_first(store: StateStore) -> N
     assert store.get_batch("old").ignored_examples == ("x (not_dicom)",)
 
 
+def test_batches_list_by_owner_and_status_newest_first(store: StateStore) -> None:
+    """The batch API shows each caller only their own batches (issue 11): the filter is the store's."""
+    for batch_id, owner, created in (("a1", "alice@example.org", 10.0), ("b1", "bob@example.org", 20.0),
+                                     ("a2", "alice@example.org", 30.0), ("n1", "", 40.0)):  # fmt: skip
+        store.create_batch(replace(_batch(batch_id, created_at=created), owner=owner))
+    assert store.get_batch("a1").owner == "alice@example.org"
+    assert [b.batch_id for b in store.list_batches(owner="alice@example.org")] == ["a2", "a1"]
+    assert [b.batch_id for b in store.list_batches(owner="bob@example.org", counted=False)] == ["b1"]
+    assert [b.batch_id for b in store.list_batches(owner="")] == ["n1"]
+    assert store.list_batches(owner="carol@example.org") == []
+    assert [b.batch_id for b in store.list_batches(limit=1, owner="alice@example.org")] == ["a2"]
+    store.update_batch("a1", lambda b: model.finish_expansion(b, 50.0, 1, 0, ()))
+    running = store.list_batches(statuses=frozenset({BatchStatus.RUNNING}), owner="alice@example.org")
+    assert [b.batch_id for b in running] == ["a1"] and running[0].owner == "alice@example.org"
+    expanding = frozenset({BatchStatus.EXPANDING})
+    assert [b.batch_id for b in store.list_batches(statuses=expanding, owner="alice@example.org")] == ["a2"]
+    assert [b.batch_id for b in store.list_batches(limit=10)] == ["n1", "a2", "b1", "a1"]
+
+
 def test_expansion_chunks_hold_files_and_scan_results_per_listing(store: StateStore) -> None:
     store.create_batch(_batch())
     files = tuple(FileRef(f"/in/{n}", f"a/{n}", n + 1) for n in range(3))
@@ -321,7 +340,8 @@ def test_expansion_chunks_hold_files_and_scan_results_per_listing(store: StateSt
 
 
 def test_watch_channels_and_pending_folders(store: StateStore) -> None:
-    channel = WatchChannel("ch1", "res1", "folder1", "drive://dest", "tok1", 5000.0, 100.0, {"compress": True}, "lab")
+    channel = WatchChannel("ch1", "res1", "folder1", "drive://dest", "tok1", 5000.0, 100.0, {"compress": True}, "lab",
+                           owner="alice@example.org", token_hash="ab" * 32, last_message=7)  # fmt: skip
     store.put_channel(channel)
     assert store.get_channel("ch1") == channel
     assert store.get_channel("missing") is None

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -50,7 +51,9 @@ class Interceptor:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 headers = {
-                    k: v for k, v in self.headers.items() if k.lower().startswith(("x-cloudtasks", "content-type"))
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower().startswith(("x-cloudtasks", "content-type", "authorization"))
                 }
                 status, answer = interceptor.forward(body, headers)
                 self.send_response(status)
@@ -110,7 +113,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[devstack.D
     logs = tmp_path_factory.mktemp("logs")
     with devstack.dev_stack(
         settings, logs, firestore_host=host, tasks_max_retries=MAX_ATTEMPTS - 1,
-        extra_env={"DICOMFLOW_WORKER_URL": interceptor.url}, project=emulators.unique_project(),
+        task_upstreams={"convert": interceptor.url}, project=emulators.unique_project(),
+        local_roots=[Path(tempfile.gettempdir())],
     ) as dev:  # fmt: skip
         interceptor.targets = [dev.urls["worker"], dev.add_worker("worker-2")]
         yield dev, interceptor
@@ -118,7 +122,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[devstack.D
 
 
 def cli(dev: devstack.DevStack, *args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HOME": str(home), "DICOMFLOW_API_URL": dev.api_url}
+    env = {**os.environ, "HOME": str(home), "DICOMFLOW_API_URL": dev.api_url, "DICOMFLOW_API_TOKEN": dev.token()}
     return subprocess.run([DICOMFLOW, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
@@ -158,7 +162,7 @@ def test_every_task_delivered_twice_at_once_gives_the_same_outputs_and_counts(
     written = samples.make_bench_archive(tmp_path / "dicom", series=6, slices=8, rows=48, cols=48, seed=32)
     interceptor.duplicate = True
     try:
-        api = ApiClient(dev.api_url)
+        api = ApiClient(dev.api_url, dev.token())
         batch_id = api.submit({"source": str(tmp_path / "dicom"), "destination": str(tmp_path / "out")})["batch_id"]
         data = wait_final(api, batch_id)
     finally:
@@ -184,7 +188,7 @@ def test_a_corrupt_series_is_dead_lettered_with_its_reason(
         tmp_path / "dicom" / "b", samples.SeriesSpec(kind="ct", slices=4, series_number=2), seed=34
     )
     samples.corrupt_file(bad.paths[1])
-    api = ApiClient(dev.api_url)
+    api = ApiClient(dev.api_url, dev.token())
     batch_id = api.submit({"source": str(tmp_path / "dicom"), "destination": str(tmp_path / "out")})["batch_id"]
     data = wait_final(api, batch_id)
     assert data["status"] == "completed_with_failures"
@@ -210,7 +214,7 @@ def test_a_series_failing_transiently_every_time_is_dead_lettered_on_the_last_at
 
     interceptor.before = grow_a_file
     try:
-        api = ApiClient(dev.api_url)
+        api = ApiClient(dev.api_url, dev.token())
         batch_id = api.submit({"source": str(tmp_path / "dicom"), "destination": str(tmp_path / "out")})["batch_id"]
         data = wait_final(api, batch_id)
     finally:
@@ -228,7 +232,7 @@ def test_a_worker_killed_mid_series_is_finished_by_the_reconciler(
     dev, _ = stack
     spec = samples.SeriesSpec(kind="mr3d", rows=384, columns=384, slices=240, noise=40)  # a few seconds of dcm2niix
     samples.write_series(tmp_path / "dicom" / "big", spec, seed=36)
-    api = ApiClient(dev.api_url)
+    api = ApiClient(dev.api_url, dev.token())
     batch_id = api.submit({"source": str(tmp_path / "dicom"), "destination": str(tmp_path / "out")})["batch_id"]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and api.status(batch_id)["counters"]["running"] == 0:

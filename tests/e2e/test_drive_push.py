@@ -152,7 +152,8 @@ def test_wrong_token_or_unknown_channel_is_refused_and_nothing_is_enqueued(
     watched = fake.add_folder("w", fake.root_id)
     channel = add_watch(ctx, Location(LocationKind.DRIVE, watched), Location(LocationKind.DRIVE,
                         fake.add_folder("d", fake.root_id)), ConversionOptions())  # fmt: skip
-    fake.deliver_pending()
+    (sync,) = fake.deliver_pending()
+    token = sync.headers["X-Goog-Channel-Token"]  # the channel's own token (only its hash is stored)
     queue.pending.clear()
 
     def post(headers: dict[str, str]) -> int:
@@ -164,13 +165,14 @@ def test_wrong_token_or_unknown_channel_is_refused_and_nothing_is_enqueued(
             return int(exc.code)
 
     base = {"X-Goog-Channel-ID": channel.channel_id, "X-Goog-Resource-State": "change",
-            "X-Goog-Resource-ID": channel.resource_id}  # fmt: skip
+            "X-Goog-Resource-ID": channel.resource_id, "X-Goog-Message-Number": "5"}  # fmt: skip
     assert post(base | {"X-Goog-Channel-Token": "guess"}) == 403
     assert post(base) == 403  # no token at all
-    assert post(base | {"X-Goog-Channel-Token": TOKEN, "X-Goog-Channel-ID": "unknownchannel"}) == 403
+    assert post(base | {"X-Goog-Channel-Token": TOKEN}) == 403  # the shared secret is not this channel's token
+    assert post(base | {"X-Goog-Channel-Token": token, "X-Goog-Channel-ID": "unknownchannel"}) == 403
     assert not queue.pending
-    assert TOKEN not in caplog.text and "guess" not in caplog.text  # no token ever reaches the logs
-    assert post(base | {"X-Goog-Channel-Token": TOKEN}) == 200
+    assert token not in caplog.text and "guess" not in caplog.text  # no token ever reaches the logs
+    assert post(base | {"X-Goog-Channel-Token": token}) == 200
     assert [t.queue for t, _ in queue.pending] == [QueueName.CHANGES]
 
 
@@ -216,7 +218,7 @@ def test_dev_stack_push_to_batch_with_faults(tmp_path: Path, tmp_path_factory: p
             fake.fault_rate(0.2, seed=5)
             for path in series.paths:
                 fake.add_file(path.name, study, path.read_bytes())
-            api = ApiClient(dev.api_url)
+            api = ApiClient(dev.api_url, dev.token())  # the stack's administrator: the watch is an operator's
             deadline = time.monotonic() + 90
             batches: list[dict[str, Any]] = []
             while time.monotonic() < deadline:

@@ -80,10 +80,19 @@ class MemoryStateStore:
             return replace(batch, counters=self._count(batch_id)) if counted else batch
 
     def list_batches(
-        self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
+        self,
+        limit: int = 20,
+        statuses: frozenset[BatchStatus] | None = None,
+        *,
+        counted: bool = True,
+        owner: str | None = None,
     ) -> list[Batch]:
         with self._lock:
-            chosen = [b for b in self._batches.values() if not statuses or b.status in statuses]
+            chosen = [
+                b
+                for b in self._batches.values()
+                if (not statuses or b.status in statuses) and (owner is None or b.owner == owner)
+            ]
             chosen.sort(key=lambda b: b.created_at, reverse=True)
             return [replace(b, counters=self._count(b.batch_id)) if counted else b for b in chosen[:limit]]
 

@@ -340,3 +340,65 @@ def test_the_operator_signals_exist(module: TfModule) -> None:
     assert "task_attempt_delays" not in filters, "raw queue age is not an alert any more (the stall alert is)"
     dashboard = str(ev.value(module.resource("google_monitoring_dashboard", "main").body["dashboard_json"]))
     assert "logsPanel" in dashboard and 'jsonPayload.event=\\"series_dead_lettered\\"' in dashboard
+
+
+# --- access (issue 11) -------------------------------------------------------------------------------------------
+
+# Queries the batch API runs on `batches` for a caller: (equality fields, order field).
+BATCH_QUERIES = {
+    "a caller's batches, newest first (owner ==, created_at desc)": ({"owner"}, "created_at"),
+    "a caller's unfinished batches (owner ==, status in, created_at desc)": ({"owner", "status"}, "created_at"),
+}
+
+
+@pytest.mark.parametrize("query", sorted(BATCH_QUERIES))
+def test_an_index_serves_each_batch_query(module: TfModule, query: str) -> None:
+    equalities, order = BATCH_QUERIES[query]
+    indexes = [f for collection, scope, f in _indexes(module) if collection == "batches" and scope == "COLLECTION"]
+    assert any(_serves(fields, equalities, order) for fields in indexes), f"no index for {query}: {indexes}"
+
+
+def test_the_batch_index_check_fails_without_the_owner_index(module: TfModule) -> None:
+    texts = {path.name: text for path, text in module.texts.items()}
+    texts["firestore.tf"] = re.sub(
+        r"\n    batches_owner_created = \{.*?\n    \}\n", "\n", texts["firestore.tf"], count=1, flags=re.DOTALL
+    )
+    bad = TfModule.from_texts(INFRA_DIR, texts)
+    equalities, order = BATCH_QUERIES["a caller's batches, newest first (owner ==, created_at desc)"]
+    indexes = [f for collection, scope, f in _indexes(bad) if collection == "batches"]
+    assert not any(_serves(fields, equalities, order) for fields in indexes)
+
+
+ACCESS_ENV = (
+    "DICOMFLOW_ADMINS",
+    "DICOMFLOW_ACCESS_GRANTS",
+    "DICOMFLOW_ACCESS_GROUPS",
+    "DICOMFLOW_MAX_UNFINISHED_BATCHES",
+    "DICOMFLOW_AUTH_AUDIENCES",
+)
+
+
+def test_the_access_policy_reaches_every_process_and_parses(module: TfModule) -> None:
+    """The API enforces it, expansion applies listing limits, the changes path re-checks watch owners: every
+    process gets the same policy, and what Terraform encodes is what Settings accepts."""
+    grants = {"Alice@Example.org": {"roots": ["drive://" + "A" * 20], "max_batch_files": 5,
+                                    "max_unfinished_batches": None, "max_batch_bytes": None}}  # fmt: skip
+    ev = Evaluator(module, {**constraints.SAMPLE_VARIABLES, "access_grants": grants, "admins": ["boss@example.org"],
+                            "access_groups": {"team@example.org": ["bob@example.org"]}})  # fmt: skip
+    envs = {"worker": ev.local("worker_env"), **ev.local("function_env")}
+    for process, env in envs.items():
+        for name in ACCESS_ENV:
+            assert name in env, (process, name)
+    env = envs["batches"]
+    settings = Settings(
+        admins=env["DICOMFLOW_ADMINS"],
+        access_grants=env["DICOMFLOW_ACCESS_GRANTS"],
+        access_groups=env["DICOMFLOW_ACCESS_GROUPS"],
+        max_unfinished_batches=int(env["DICOMFLOW_MAX_UNFINISHED_BATCHES"]),
+    )
+    policy = settings.access_policy
+    assert policy.is_admin("boss@example.org") and not policy.is_admin("alice@example.org")
+    assert [r.uri for r in policy.roots("alice@example.org")] == ["drive://" + "A" * 20]
+    limits = policy.limits("alice@example.org")
+    assert limits.max_batch_files == 5 and limits.max_unfinished_batches == settings.max_unfinished_batches
+    assert env["DICOMFLOW_AUTH_AUDIENCES"].split(",")[0] == ev.local("function_urls")["batches"]

@@ -50,6 +50,7 @@ def batch_to_dict(batch: Batch) -> dict[str, Any]:
         "restarts": batch.restarts,
         "redrives": batch.redrives,
         "expires_at": batch.expires_at,
+        "owner": batch.owner,
     }
 
 
@@ -78,6 +79,7 @@ def batch_from_dict(data: Mapping[str, Any], counters: Counters | None = None) -
         restarts=int(data.get("restarts", 0)),
         redrives=int(data.get("redrives", 0)),
         expires_at=_opt_float(data.get("expires_at")),
+        owner=str(data.get("owner") or ""),
     )
 
 
@@ -238,6 +240,9 @@ def channel_from_dict(data: Mapping[str, Any]) -> WatchChannel:
         options=dict(data.get("options") or {}),
         label=str(data.get("label", "")),
         active=bool(data.get("active", True)),
+        owner=str(data.get("owner") or ""),
+        token_hash=str(data.get("token_hash") or ""),
+        last_message=int(data.get("last_message") or 0),
     )
 
 

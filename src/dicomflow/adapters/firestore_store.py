@@ -265,9 +265,18 @@ class FirestoreStateStore:
         return result
 
     def list_batches(
-        self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
+        self,
+        limit: int = 20,
+        statuses: frozenset[BatchStatus] | None = None,
+        *,
+        counted: bool = True,
+        owner: str | None = None,
     ) -> list[Batch]:
         query: Any = self._db.collection("batches")
+        if owner is not None:
+            # Composite indexes (owner, created_at desc) and (owner, status, created_at): infra/firestore.tf.
+            # Documents written before owners existed lack the field and match no owner, not even "".
+            query = query.where(filter=FieldFilter("owner", "==", owner))
         if statuses:
             query = query.where(filter=FieldFilter("status", "in", sorted(s.value for s in statuses)))
         query = query.order_by("created_at", direction=firestore.Query.DESCENDING).limit(limit)

@@ -88,6 +88,32 @@ class Conflict(PermanentError):
     code = "conflict"
 
 
+class Unauthenticated(PermanentError):
+    """The caller did not prove who they are: no bearer token, or one that fails verification (HTTP 401).
+    The reason never repeats the token."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(PermanentError):
+    """The caller is known but may not do this: a folder outside the roots granted to them, a task
+    delivered by someone other than the tasks service account (HTTP 403). The reason names only what the
+    caller may see (their own roots), never a file they cannot access."""
+
+    code = "forbidden"
+
+    def __init__(self, reason: str, *, field: str = "", detail: str = "") -> None:
+        super().__init__(reason, detail=detail)
+        self.field = field
+
+
+class QuotaExceeded(PermanentError):
+    """A per-submitter limit was reached: too many unfinished batches, or a batch with more files or bytes
+    than allowed (the batch API answers 429; an expansion fails with this reason)."""
+
+    code = "quota_exceeded"
+
+
 class ConfigError(PermanentError):
     """A setting is missing or invalid; raised at start-up, before any work is accepted."""
 

@@ -163,6 +163,10 @@ class Batch:
     restarts: int = 0
     redrives: int = 0  # :retry-dead-letters requests so far (names each redrive task)
     expires_at: float | None = None  # retention: Firestore's TTL deletes the batch after this time
+    # Who submitted it: the e-mail of the verified caller (or of the watch's owner for a batch started by a
+    # Drive notification). Only the owner and administrators see or act on it ("" = no owner recorded:
+    # batches from before ownership, local runs, operator tools; administrators only in the cloud).
+    owner: str = ""
 
     @property
     def is_final(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dicomflow.auth import Authenticator, LocalAuthenticator
 from dicomflow.config import Settings
 from dicomflow.domain.failures import InvalidInput
 from dicomflow.domain.locations import Location, LocationKind
@@ -58,7 +60,16 @@ class Context:
     # How many expansion chunks can be scanned at once (local: worker processes; cloud: task fan-out).
     scan_parallelism: int = 1
     closers: list[Callable[[], None]] = field(default_factory=list)
+    # Who calls the batch API and the task handlers (dicomflow.auth): token verification in the cloud.
+    authenticator: Authenticator = field(default_factory=LocalAuthenticator)
+    # Resolves a local path through symlinks (the dev stack's roots must not be escaped by a link).
+    resolve_path: Callable[[str], str] = os.path.realpath
     _cache: dict[Any, Any] = field(default_factory=dict)
+
+    def cache(self, name: str) -> dict[Any, Any]:
+        """A per-process cache a service keeps on its Context (e.g. Drive parents for access checks)."""
+        table: dict[Any, Any] = self._cache.setdefault(("cache", name), {})
+        return table
 
     def close(self) -> None:
         """Release connections (Drive clients, database handles) this Context opened."""

@@ -16,6 +16,7 @@ Channels expire (a week at most); the daily renew replaces each before it does (
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dicomflow.domain.failures import ConfigError, DicomflowError, InvalidInput, NotFound
+from dicomflow.domain.failures import ConfigError, DicomflowError, Forbidden, InvalidInput, NotFound
 from dicomflow.domain.locations import Location, LocationKind, parse_location
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.events import Event
@@ -41,16 +42,21 @@ FOLDER = "application/vnd.google-apps.folder"
 
 
 def add_watch(
-    ctx: Context, folder: Location, destination: Location, options: ConversionOptions, label: str = ""
+    ctx: Context,
+    folder: Location,
+    destination: Location,
+    options: ConversionOptions,
+    label: str = "",
+    *,
+    owner: str = "",
 ) -> WatchChannel:
+    """Open a channel for `folder`; the batches it starts belong to `owner` (the caller of the batch API;
+    "" for an operator's watch opened with direct access to the state store)."""
     if folder.kind is not LocationKind.DRIVE:
         raise InvalidInput("only Drive folders can be watched (drive://FOLDER_ID)", field="folder")
     settings = ctx.settings
-    if not settings.webhook_url or not settings.webhook_token:
-        raise ConfigError(
-            "watching needs DICOMFLOW_WEBHOOK_URL (the drive_webhook function's HTTPS URL) and "
-            "DICOMFLOW_WEBHOOK_TOKEN (the shared secret; in the cloud it comes from Secret Manager)"
-        )
+    if not settings.webhook_url:
+        raise ConfigError("watching needs DICOMFLOW_WEBHOOK_URL (the drive_webhook function's HTTPS URL)")
     ctx.source_for(folder).check(folder)
     ctx.sink_for(destination).check(destination)
     feed = ctx.changes()
@@ -65,18 +71,26 @@ def add_watch(
         created_at=now,
         options=options.to_dict(),
         label=label,
+        owner=owner,
     )
-    # Stored before the watch call: Drive's sync message can arrive before the watch response does.
-    ctx.store.put_channel(channel)
     return _open(ctx, feed, channel)
 
 
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def _open(ctx: Context, feed: ChangeFeed, channel: WatchChannel) -> WatchChannel:
+    """Store the channel with the hash of a token of its own, then open it in Drive with that token
+    (stored first: Drive's sync message can arrive before the watch response does)."""
     settings = ctx.settings
+    token = secrets.token_urlsafe(32)  # Drive allows 256 characters (GCP_FACTS §1 'watch / channels')
+    channel = replace(channel, token_hash=_token_hash(token), last_message=0)
+    ctx.store.put_channel(channel)
     resource_id, expires_at = feed.watch(
         channel.channel_id,
         settings.webhook_url,
-        settings.webhook_token,
+        token,
         channel.page_token,
         channel.expires_at,
     )
@@ -125,7 +139,6 @@ def renew_channels(ctx: Context) -> RenewReport:
         fresh = replace(old, channel_id=secrets.token_hex(16), resource_id="", created_at=now,
                         expires_at=now + ctx.settings.channel_ttl_seconds)  # fmt: skip
         try:
-            ctx.store.put_channel(fresh)
             _open(ctx, ctx.changes(), fresh)
             _stop(ctx, old)
         except DicomflowError as exc:
@@ -152,15 +165,28 @@ def handle_webhook(ctx: Context, headers: Mapping[str, str]) -> int:
     channel_id = lowered.get("x-goog-channel-id", "")
     token = lowered.get("x-goog-channel-token", "")
     state = lowered.get("x-goog-resource-state", "")
-    expected = ctx.settings.webhook_token
-    if not expected or not _CHANNEL_ID.match(channel_id) or not hmac.compare_digest(token.encode(), expected.encode()):
-        return _reject("missing or wrong channel token" if expected else "no webhook token configured", channel_id)
+    resource = lowered.get("x-goog-resource-id", "")
+    number = _message_number(lowered.get("x-goog-message-number", ""))
+    if not _CHANNEL_ID.match(channel_id) or not resource or number is None:
+        # Drive sends all three on every message (GCP_FACTS §2); anything else is not Drive.
+        return _reject("channel id, resource id or message number missing", channel_id)
     channel = ctx.store.get_channel(channel_id)
     if channel is None or not channel.active:
         return _reject("unknown or stopped channel", channel_id)
-    resource = lowered.get("x-goog-resource-id", "")
-    if channel.resource_id and resource and not hmac.compare_digest(resource, channel.resource_id):
+    if not _token_matches(ctx, channel, token):
+        return _reject("missing or wrong channel token", channel_id)
+    if channel.resource_id and not hmac.compare_digest(resource.encode(), channel.resource_id.encode()):
         return _reject("resource does not match the channel", channel_id)
+    # Message numbers grow per channel but not one by one (GCP_FACTS §2). A number not above the last one
+    # accepted is a replay or arrived out of order: it changes nothing, because the read of the feed that
+    # the later message scheduled covers every change made before it.
+    _, fresh = ctx.store.update_channel(
+        channel_id, lambda c: replace(c, last_message=number) if number > c.last_message else None
+    )
+    if not fresh:
+        event(Event.WEBHOOK_REJECTED, "Drive notification ignored: replayed or out-of-order message number",
+              severity=logging.INFO, channel_id=channel_id)  # fmt: skip
+        return 200  # not a failure: Drive must not retry it
     if state == "sync":
         return 200  # sent once when a channel opens; nothing changed
     width = ctx.settings.webhook_window_seconds
@@ -172,6 +198,22 @@ def handle_webhook(ctx: Context, headers: Mapping[str, str]) -> int:
     event(Event.WEBHOOK_ACCEPTED, "Drive notification accepted", severity=logging.DEBUG, channel_id=channel_id,
           state=state[:20])  # fmt: skip
     return 200
+
+
+def _message_number(raw: str) -> int | None:
+    text = raw.strip()
+    if not text.isdigit() or len(text) > 20:
+        return None
+    return int(text)
+
+
+def _token_matches(ctx: Context, channel: WatchChannel, token: str) -> bool:
+    """The channel's own token (its hash is stored), in constant time; a channel opened before
+    per-channel tokens is checked against the shared DICOMFLOW_WEBHOOK_TOKEN until it is renewed."""
+    if channel.token_hash:
+        return hmac.compare_digest(_token_hash(token).encode(), channel.token_hash.encode())
+    shared = ctx.settings.webhook_token
+    return bool(shared) and hmac.compare_digest(token.encode(), shared.encode())
 
 
 def _reject(why: str, channel_id: str) -> int:
@@ -264,6 +306,8 @@ def settle_folders(ctx: Context) -> list[str]:
             continue  # the watch was removed meanwhile
         destination = parse_location(channel.destination, field="destination")
         source = Location(LocationKind.DRIVE, folder.folder_id)
+        if channel.owner and not _still_granted(ctx, channel, source, destination):
+            continue
         if folder.folder_id != folder.watch_folder_id:
             # Mirror the tree: DEST/<name of the top folder>/...
             name = ctx.changes().file_info(folder.folder_id).name
@@ -275,11 +319,27 @@ def settle_folders(ctx: Context) -> list[str]:
             label=channel.label or "drive watch",
         )
         key = f"settle-{folder.folder_id}-{folder.last_change_at:.3f}"
-        batch = submit(ctx, request, idempotency_key=key).batch
+        batch = submit(ctx, request, idempotency_key=key, owner=channel.owner).batch
         if ctx.store.mark_folder_submitted(folder.folder_id, folder.last_change_at, batch.batch_id):
             submitted.append(batch.batch_id)
             event(Event.FOLDER_SETTLED, "a watched folder was quiet: batch submitted", batch_id=batch.batch_id)
     return submitted
+
+
+def _still_granted(ctx: Context, channel: WatchChannel, source: Location, destination: Location) -> bool:
+    """The owner's grants are checked again before each batch a watch starts: a revoked root stops the
+    watch instead of converting into or out of a folder its owner may no longer use."""
+    from dicomflow.services import access  # noqa: PLC0415 - access imports this module's neighbours
+
+    try:
+        caller = ctx.settings.access_policy.caller(channel.owner)
+        access.check_locations(ctx, caller, [("folder", source), ("destination", destination)])
+    except Forbidden:
+        _stop(ctx, channel)
+        event(Event.WEBHOOK_REJECTED, "a watch's owner is no longer granted its folders: watch stopped",
+              severity=logging.WARNING, channel_id=channel.channel_id)  # fmt: skip
+        return False
+    return True
 
 
 def channel_summary(channel: WatchChannel) -> dict[str, Any]:
@@ -290,4 +350,5 @@ def channel_summary(channel: WatchChannel) -> dict[str, Any]:
         "expires_at": channel.expires_at,
         "active": channel.active,
         "label": channel.label,
+        "owner": channel.owner,
     }

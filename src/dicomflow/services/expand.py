@@ -35,6 +35,7 @@ from dicomflow.domain.paths import display, encode_component, join
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, SeriesGroup, fingerprint, group_series
 from dicomflow.events import Event
 from dicomflow.ports import Attempt, ExpansionChunk, SkippedFile
+from dicomflow.services.access import listing_guard
 from dicomflow.services.context import Context, event
 from dicomflow.services.outputs import finalize
 from dicomflow.services.progress import maybe_complete
@@ -161,8 +162,9 @@ def _list(ctx: Context, batch: Batch) -> None:
         listing = f"e{epoch}-{ctx.new_id(4)}"
         files: list[FileRef] = []
         skipped: list[SkippedFile] = []
+        guard = listing_guard(ctx, batch)  # the owner's file and byte limits, counted per listed file
         for source, prefix in zip(batch.sources, _source_prefixes(ctx, batch), strict=True):
-            for entry in ctx.source_for(source).list_files(source):
+            for entry in guard.each(ctx.source_for(source).list_files(source)):
                 if isinstance(entry, SkippedFile):
                     skipped.append(SkippedFile(join(prefix, entry.path), entry.ignored))
                 else:

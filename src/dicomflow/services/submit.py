@@ -71,6 +71,7 @@ def submit(
     idempotency_key: str | None = None,
     *,
     check_locations: bool = True,
+    owner: str = "",
 ) -> SubmitResult:
     """Create a batch in `expanding` state and enqueue its expansion.
 
@@ -80,7 +81,8 @@ def submit(
     that arrives before the batch is recorded is answered "not found" and retried.
 
     With an `idempotency_key`, a repeated submission returns the batch created the first time (and
-    enqueues its expansion again if it is still expanding: the task name makes that a no-op).
+    enqueues its expansion again if it is still expanding: the task name makes that a no-op). Keys are
+    scoped to the `owner`: another caller reusing a key gets their own batch, never this one.
     """
     validate_request(ctx, request)
     if check_locations:
@@ -101,11 +103,13 @@ def submit(
         created_at=now,
         updated_at=now,
         force=request.force,
+        owner=owner,
     )
     record = None
     if idempotency_key:
+        scoped = f"{owner}\n{idempotency_key}" if owner else idempotency_key  # unowned keys hash as before
         record = IdempotencyRecord(
-            key_hash=hashlib.sha256(idempotency_key.encode()).hexdigest(),
+            key_hash=hashlib.sha256(scoped.encode()).hexdigest(),
             request_hash=request.fingerprint(),
             batch_id=batch.batch_id,
             expires_at=now + ctx.settings.idempotency_ttl_hours * 3600,

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS batches (
     status TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS batches_created ON batches (created_at);
 CREATE TABLE IF NOT EXISTS items (
@@ -86,12 +87,18 @@ def _dumps(data: Any) -> str:
 
 def _migrate(db: SqliteDatabase) -> None:
     """State files written before listings were recorded have a chunks table without `listing`. Chunks
-    are scratch space of unfinished expansions (a resumed batch lists again), so the old table is replaced."""
+    are scratch space of unfinished expansions (a resumed batch lists again), so the old table is replaced.
+    State files written before batches had owners get the column, filled from each batch's document."""
     columns = {row["name"] for row in db.read("PRAGMA table_info(chunks)")}
     if "listing" not in columns:
         with db.tx() as conn:
             conn.execute("DROP TABLE chunks")
         db.conn().executescript(SCHEMA)
+    if "owner" not in {row["name"] for row in db.read("PRAGMA table_info(batches)")}:
+        with db.tx() as conn:
+            conn.execute("ALTER TABLE batches ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+            conn.execute("UPDATE batches SET owner = coalesce(json_extract(data, '$.owner'), '')")
+    db.conn().execute("CREATE INDEX IF NOT EXISTS batches_owner_created ON batches (owner, created_at)")
 
 
 class SqliteStateStore:
@@ -124,9 +131,9 @@ class SqliteStateStore:
                     (idempotency.key_hash, idempotency.request_hash, batch.batch_id, idempotency.expires_at),
                 )
             db.execute(
-                "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO batches (batch_id, status, created_at, updated_at, data, owner) VALUES (?, ?, ?, ?, ?, ?)",
                 (batch.batch_id, batch.status.value, batch.created_at, batch.updated_at,
-                 _dumps(codec.batch_to_dict(batch))),
+                 _dumps(codec.batch_to_dict(batch)), batch.owner),
             )  # fmt: skip
         return batch, True
 
@@ -145,16 +152,26 @@ class SqliteStateStore:
             return codec.batch_from_dict(json.loads(row[0]), self._count(db, batch_id) if counted else None)
 
     def list_batches(
-        self, limit: int = 20, statuses: frozenset[BatchStatus] | None = None, *, counted: bool = True
+        self,
+        limit: int = 20,
+        statuses: frozenset[BatchStatus] | None = None,
+        *,
+        counted: bool = True,
+        owner: str | None = None,
     ) -> list[Batch]:
+        where: list[str] = []
+        params: list[Any] = []
         if statuses:
-            marks = ",".join("?" * len(statuses))
-            rows = self._db.read(
-                f"SELECT batch_id, data FROM batches WHERE status IN ({marks}) ORDER BY created_at DESC LIMIT ?",  # noqa: S608
-                (*[s.value for s in statuses], limit),
-            )
-        else:
-            rows = self._db.read("SELECT batch_id, data FROM batches ORDER BY created_at DESC LIMIT ?", (limit,))
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params.extend(s.value for s in statuses)
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self._db.read(
+            f"SELECT batch_id, data FROM batches {clause}ORDER BY created_at DESC LIMIT ?",  # noqa: S608
+            (*params, limit),
+        )
         if not counted:
             return [codec.batch_from_dict(json.loads(r["data"])) for r in rows]
         with self._db.snapshot() as db:
