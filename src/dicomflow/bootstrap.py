@@ -23,6 +23,7 @@ from dicomflow.adapters.deidentify import ProfileDeidentifier
 from dicomflow.adapters.dicom_headers import SequentialScanner, ThreadedScanner
 from dicomflow.adapters.heartbeat import ThreadHeartbeat
 from dicomflow.adapters.local.files import LocalFolderSink, LocalFolderSource
+from dicomflow.adapters.local.private import private_dir
 from dicomflow.adapters.local.queue import SqliteTaskQueue, TaskRunner
 from dicomflow.adapters.local.sqlite_store import SqliteStateStore
 from dicomflow.auth import Authenticator
@@ -133,14 +134,22 @@ def pseudonym_key(settings: Settings) -> bytes:
             "cloud mode needs DICOMFLOW_PSEUDONYM_KEY (64+ hex characters; infra/ keeps it in Secret Manager)"
         )
     path = Path(settings.state_path).expanduser().parent / "pseudonym.key"
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return bytes.fromhex(path.read_text(encoding="ascii").strip())
+    # Written whole under a temporary name, then linked into place: two processes starting at once agree
+    # on one key, and nobody ever reads a half-written one.
+    try:
+        private_dir(path.parent)
+        with tempfile.NamedTemporaryFile("w", encoding="ascii", dir=path.parent, delete=False) as handle:
+            handle.write(secrets.token_hex(32) + "\n")  # NamedTemporaryFile creates it 0600
+        try:
+            os.link(handle.name, path)
+        except FileExistsError:
+            pass  # another process created it first: theirs is the key
+        finally:
+            Path(handle.name).unlink()
     except OSError as exc:
         raise ConfigError(f"cannot create {path} ({exc.strerror}); choose a destination you can write to") from None
-    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-        handle.write(secrets.token_hex(32) + "\n")
     return bytes.fromhex(path.read_text(encoding="ascii").strip())
 
 

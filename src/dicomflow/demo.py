@@ -46,8 +46,8 @@ def check_demo_result(archive: DemoArchive, nifti_root: Path, batch: Batch) -> l
     if actual != expected:
         problems.append(f"counters {actual} differ from the expected {expected}")
     for series in archive.series:
-        folder = nifti_root / series.folder
         stem = expected_stem(series)
+        folder = output_folder(nifti_root, series, stem)
         if series.outcome != "convert":
             strays = sorted(folder.glob(f"{stem}*")) if folder.exists() else []
             if strays:
@@ -66,3 +66,17 @@ def check_demo_result(archive: DemoArchive, nifti_root: Path, batch: Batch) -> l
             if not (folder / f"{stem}.{extra}").exists():
                 problems.append(f"{series.label}: missing {stem}.{extra}")
     return problems
+
+
+def output_folder(nifti_root: Path, series: DemoSeries, stem: str) -> Path:
+    """Where the series' outputs belong. Its source folders' names, unless the privacy profile renamed
+    one: folder names with long digit runs (a CD export's PT000000/ST000000, which could as well be
+    record numbers) become `<kept part>-<tag>`, keyed by the destination's secret. Such a folder is
+    found at the same depth below the first folder, by the series' own output name."""
+    folder = nifti_root / series.folder
+    if folder.exists() or len(series.folder.parts) < 2:
+        return folder
+    top = nifti_root / series.folder.parts[0]
+    depth = len(series.folder.parts) - 1
+    found = {p.parent for p in top.rglob(f"{stem}*.nii.gz") if len(p.parent.relative_to(top).parts) == depth}
+    return found.pop() if len(found) == 1 else folder

@@ -174,9 +174,10 @@ def test_no_identifier_leaves_the_cloud_path(
         environ={}, mode="cloud", tasks_emulator_python=emulators.tasks_emulator_python(), retry_max_attempts=3,
         drive_endpoint=fake.base_url, drive_identity=drive.IDENTITY, drive_max_retry_sleep_seconds=0.1,
         dispatch_deadline_seconds=60, convert_timeout_seconds=30, work_dir=str(tmp_path / "work"),
+        access_grants=json.dumps({devstack.DEV_USER: [f"drive://{source}", f"drive://{dest}"]}),
     )  # fmt: skip
     with devstack.dev_stack(settings, logs, firestore_host=emulators.firestore_host(), project=project) as dev:
-        api = ApiClient(dev.api_url)
+        api = ApiClient(dev.api_url, dev.token())
         accepted = api.submit({"source": f"drive://{source}", "destination": f"drive://{dest}"})
         deadline = time.monotonic() + 120
         status: dict[str, Any] = {}
