@@ -30,6 +30,8 @@ import signal
 import subprocess
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import dcm2niix as dcm2niix_wheel
@@ -41,6 +43,7 @@ from dicomflow.domain.conversion import (
     volumes_of,
 )
 from dicomflow.domain.failures import ConverterTimeout
+from dicomflow.domain.grouping import GroupMember, split_group
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.ports import ConverterRun
 
@@ -111,29 +114,86 @@ class Dcm2niixConverter:
         self, input_dir: Path, output_dir: Path, stem: str, options: ConversionOptions, timeout: float
     ) -> ConverterRun:
         output_dir.mkdir(parents=True, exist_ok=True)
-        args = dcm2niix_args(self._binary, input_dir, output_dir, stem, options)
-        started = time.monotonic()
-        with subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        ) as proc:
-            try:
-                out, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                raise ConverterTimeout(
-                    f"dcm2niix did not finish within {timeout:.0f} s and was stopped; it will be retried. "
-                    "If this series is very large, raise DICOMFLOW_CONVERT_TIMEOUT_SECONDS."
-                ) from None
-        seconds = time.monotonic() - started
-        console = out.decode("utf-8", errors="replace")
+        exit_code, console, seconds = _execute(
+            dcm2niix_args(self._binary, input_dir, output_dir, stem, options), timeout
+        )
         settle_clashing_names(output_dir, console)
         outputs = tuple(sorted(p for p in output_dir.iterdir() if p.is_file()))
-        return ConverterRun(exit_code=proc.returncode, outputs=outputs, console=console, seconds=seconds)
+        return ConverterRun(exit_code=exit_code, outputs=outputs, console=console, seconds=seconds)
+
+    def convert_group(
+        self, members: Sequence[GroupInput], scratch: Path, options: ConversionOptions, timeout: float
+    ) -> tuple[ConverterRun, ...] | str:
+        """Several series in one dcm2niix run (domain/grouping.py): each member's outputs end up in its own
+        `output_dir` under the names a run of it alone gives them, with a console of its own. Returns why
+        not when the run cannot be taken apart exactly; the caller then converts each member alone."""
+        root, out = scratch / "in", scratch / "out"
+        out.mkdir(parents=True)
+        for index, member in enumerate(members):
+            folder = root / f"s{index}"
+            folder.mkdir(parents=True)
+            for path in member.files:
+                (folder / path.name).symlink_to(path.resolve())
+        args = group_args(self._binary, root, out, options)
+        try:
+            exit_code, console, seconds = _execute(args, timeout)
+        except ConverterTimeout:
+            return "the group did not finish in time"
+        described = [GroupMember(m.uid, m.stem, len(m.files)) for m in members]
+        split = split_group(exit_code, console, [p.name for p in out.iterdir() if p.is_file()], described)
+        if isinstance(split, str):
+            return split
+        runs: list[ConverterRun] = []
+        for member, parts in zip(members, split, strict=True):
+            member.output_dir.mkdir(parents=True, exist_ok=True)
+            for old, new in parts.renames:
+                (out / old).rename(member.output_dir / new)
+            settle_clashing_names(member.output_dir, parts.console)
+            outputs = tuple(sorted(p for p in member.output_dir.iterdir() if p.is_file()))
+            runs.append(ConverterRun(0, outputs, parts.console, seconds / len(members)))
+        return tuple(runs)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInput:
+    """One series of a group run: its DICOM files, where its outputs go and under which name."""
+
+    files: tuple[Path, ...]
+    output_dir: Path
+    stem: str
+    uid: str  # its SeriesInstanceUID, distinct within the group
+
+
+def group_args(binary: Path, input_root: Path, output_dir: Path, options: ConversionOptions) -> list[str]:
+    """One run over the series folders directly below `input_root` (`-d 1`), outputs named by their
+    SeriesInstanceUID (`-f %j`): scratch names only, renamed to each series' literal stem before anything
+    leaves the scratch folder. Every other flag is the one a run of a single series uses."""
+    args = dcm2niix_args(binary, input_root, output_dir, "group", options)
+    args[args.index("-d") + 1] = "1"
+    args[args.index("-f") + 1] = "%j"
+    return args
+
+
+def _execute(args: list[str], timeout: float) -> tuple[int, str, float]:
+    """Run dcm2niix in its own process group (a timeout kills all of it): exit code, console, seconds."""
+    started = time.monotonic()
+    with subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise ConverterTimeout(
+                f"dcm2niix did not finish within {timeout:.0f} s and was stopped; it will be retried. "
+                "If this series is very large, raise DICOMFLOW_CONVERT_TIMEOUT_SECONDS."
+            ) from None
+    return proc.returncode, out.decode("utf-8", errors="replace"), time.monotonic() - started
 
 
 def inflate_folder(input_dir: Path, target: Path) -> Path:
