@@ -326,6 +326,7 @@ class Run:
             if answer["status"] not in {s.value for s in BATCH_FINAL}:
                 continue
             if answer["status"] == "completed_with_failures" and self.scenario.redrive[n] and not redriven:
+                self.source.reexport(self.batch_sources[n])  # the user fixes the source, then asks for a retry
                 status, _ = self.api("POST", f"/batches/{batch_id}:retry-dead-letters")
                 redriven = status == 202
                 continue

@@ -429,10 +429,15 @@ def _dead(item: Item, now: float, failure: Failure) -> Item:
 
 
 def redrive(
-    item: Item, now: float, files: tuple[FileRef, ...] | None = None, generation: int | None = None
+    item: Item,
+    now: float,
+    files: tuple[FileRef, ...] | None = None,
+    generation: int | None = None,
+    fingerprint: str | None = None,
 ) -> Item | None:
     """dead_lettered → pending with a fresh attempt budget, a new task generation and, when given, the
-    series' files as they are now (the user may have re-exported some)."""
+    series' files as they are now (the user may have re-exported, added or removed some) and the
+    fingerprint of those files."""
     if item.state is not ItemState.DEAD_LETTERED:
         return None
     if generation is not None and generation != item.generation:
@@ -441,6 +446,7 @@ def redrive(
     return replace(
         item,
         state=ItemState.PENDING,
+        fingerprint=item.fingerprint if fingerprint is None else fingerprint,
         files=files,
         file_count=len(files),
         bytes_total=sum(f.size for f in files),
@@ -451,6 +457,14 @@ def redrive(
         finished_at=None,
         updated_at=now,
     )
+
+
+def not_redriven(item: Item, now: float, failure: Failure, generation: int) -> Item | None:
+    """A redrive found nothing it could convert again (the series' files are gone from the source, or the
+    source cannot be read): the series stays dead-lettered, with the reason it was not retried."""
+    if item.state is not ItemState.DEAD_LETTERED or item.generation != generation:
+        return None
+    return replace(item, failure=failure, finished_at=now, updated_at=now)
 
 
 def cancel_item(item: Item, now: float, reason: str = CANCELLED) -> Item | None:
