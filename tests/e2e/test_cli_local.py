@@ -74,7 +74,7 @@ def test_convert_demo_archive_then_rerun_is_incremental(tmp_path: Path) -> None:
 
     status = run_cli("status", data["batch_id"], "--json", home=tmp_path)
     assert json_result(status)["counters"] == data["counters"]
-    listing = run_cli("dlq", "list", home=tmp_path)
+    listing = run_cli("dlq", "list", str(out), home=tmp_path)
     assert "dcm2niix" in listing.stdout
 
 
