@@ -15,12 +15,14 @@ from typing import IO, Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dicomflow.domain.failures import Failure
 from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState
 from dicomflow.domain.paths import display
+from dicomflow.domain.series import IgnoredKind
 from dicomflow.services.expand import ALREADY_CONVERTED
 
 FINISH_PHASES = {"succeeded", "skipped", "dead_lettered", "retry"}
@@ -127,6 +129,7 @@ INTERRUPTED = "interrupted"
 NO_SERIES = "no_series"
 SHOWN_PER_LIST = 5  # series listed by name per kind of note in the text summary (all of them in --json)
 _NOTED = frozenset({ItemState.SUCCEEDED, ItemState.SKIPPED})
+_UNREADABLE = f" ({IgnoredKind.UNREADABLE.value})"  # how expansion marks an unreadable file among its examples
 
 
 @dataclass(frozen=True)
@@ -239,42 +242,69 @@ def print_summary(out: IO[str], report: Report, elapsed: float | None = None) ->
     if elapsed is not None:
         console.print(f"finished in {elapsed:.1f} s")
     if report.status == INTERRUPTED:
-        console.print(f"[yellow]interrupted: run the same command to resume[/yellow]{report.resume_hint}")
+        console.print(f"[yellow]interrupted: run the same command to resume[/yellow]{escape(report.resume_hint)}")
     if report.failure:
-        console.print(f"[red]batch failed:[/red] {report.failure.reason}")
-    if report.noted:
+        console.print(f"[red]batch failed:[/red] {escape(report.failure.reason)}")
+    _print_notes(console, report)
+    _print_skipped(console, report)
+    _print_ignored(console, batch)
+    _print_dead(console, report)
+
+
+def _print_notes(console: Console, report: Report) -> None:
+    if not report.noted:
+        return
+    incomplete = sum(1 for i in report.noted if i.incomplete)
+    console.print(
+        f"[yellow]{len(report.noted)} series converted with dcm2niix warnings[/yellow] ({incomplete} flagged "
+        f"incomplete: check those outputs){_more(SHOWN_PER_LIST, len(report.noted))}:"
+    )
+    for item in sorted(report.noted, key=lambda i: (not i.incomplete, i.rel_dir, i.output_stem))[:SHOWN_PER_LIST]:
+        flag = "[red]INCOMPLETE[/red] " if item.incomplete else ""
+        first = item.warnings[0] if item.warnings else ""
+        extra = f" (+{len(item.warnings) - 1} more)" if len(item.warnings) > 1 else ""
+        console.print(f"  {flag}{escape(_where(item))}: {escape(first)}{extra}")
+
+
+def _print_skipped(console: Console, report: Report) -> None:
+    if not (report.skipped or report.already_converted):
+        return
+    parts = [f"{report.already_converted} already converted into this destination"] * bool(report.already_converted)
+    parts += [f"{len(report.skipped)} with nothing to convert"] * bool(report.skipped)
+    more = _more(SHOWN_PER_LIST, len(report.skipped))
+    console.print(f"{report.batch.counters.skipped} series skipped: {', '.join(parts)}{more}")
+    for item in report.skipped[:SHOWN_PER_LIST]:
+        console.print(f"  {escape(_where(item))}: {escape(item.skip_reason)}")
+
+
+def _print_ignored(console: Console, batch: Batch) -> None:
+    if not batch.files_ignored:
+        return
+    console.print(
+        f"{batch.files_ignored} file(s) skipped (not DICOM images, unreadable, or a DICOMDIR), e.g. "
+        + escape("; ".join(batch.ignored_examples[:SHOWN_PER_LIST]))
+    )
+    unreadable = [e.removesuffix(_UNREADABLE) for e in batch.ignored_examples if e.endswith(_UNREADABLE)]
+    if unreadable:
         console.print(
-            f"[yellow]{len(report.noted)} series converted with dcm2niix warnings[/yellow] ({incomplete} flagged "
-            f"incomplete: check those outputs){_more(SHOWN_PER_LIST, len(report.noted))}:"
+            "[yellow]unreadable files[/yellow] (not converted; fix them, e.g. their permissions, and run the same "
+            "command again): " + escape("; ".join(unreadable))
         )
-        noted = sorted(report.noted, key=lambda i: (not i.incomplete, i.rel_dir, i.output_stem))
-        for item in noted[:SHOWN_PER_LIST]:
-            flag = "[red]INCOMPLETE[/red] " if item.incomplete else ""
-            first = item.warnings[0] if item.warnings else ""
-            extra = f" (+{len(item.warnings) - 1} more)" if len(item.warnings) > 1 else ""
-            console.print(f"  {flag}{_where(item)}: {first}{extra}", markup=True)
-    if report.skipped or report.already_converted:
-        parts = [f"{report.already_converted} already converted into this destination"] * bool(report.already_converted)
-        parts += [f"{len(report.skipped)} with nothing to convert"] * bool(report.skipped)
-        console.print(f"{c.skipped} series skipped: {', '.join(parts)}{_more(SHOWN_PER_LIST, len(report.skipped))}")
-        for item in report.skipped[:SHOWN_PER_LIST]:
-            console.print(f"  {_where(item)}: {item.skip_reason}")
-    if batch.files_ignored:
-        console.print(
-            f"{batch.files_ignored} file(s) skipped (not DICOM images, unreadable, or a DICOMDIR), e.g. "
-            + "; ".join(batch.ignored_examples[:SHOWN_PER_LIST])
-        )
-    if report.dead:
-        dead = Table(
-            title=f"dead-lettered series (fix the cause, then `dicomflow dlq retry {batch.batch_id}`)",
-            header_style="bold red",
-        )
-        for column in ("series", "folder", "attempts", "reason"):
-            dead.add_column(column, overflow="fold")
-        for item in report.dead:
-            reason = item.failure.reason if item.failure else ""
-            dead.add_row(_label(item), display(item.rel_dir) or ".", str(item.attempts), reason)
-        console.print(dead)
+
+
+def _print_dead(console: Console, report: Report) -> None:
+    if not report.dead:
+        return
+    dead = Table(
+        title=f"dead-lettered series (fix the cause, then `dicomflow dlq retry {report.batch.batch_id}`)",
+        header_style="bold red",
+    )
+    for column in ("series", "folder", "attempts", "reason"):
+        dead.add_column(column, overflow="fold")
+    for item in report.dead:
+        reason = item.failure.reason if item.failure else ""
+        dead.add_row(escape(_label(item)), escape(display(item.rel_dir) or "."), str(item.attempts), escape(reason))
+    console.print(dead)
 
 
 def print_json(out: IO[str], data: Any) -> None:
@@ -305,7 +335,8 @@ def print_remote_summary(out: IO[str], data: dict[str, Any]) -> None:
         for item in noted[:SHOWN_PER_LIST]:
             flag = "[red]INCOMPLETE[/red] " if item.get("incomplete") else ""
             warnings = item.get("warnings") or [""]
-            console.print(f"  {flag}{_remote_label(item)} ({item.get('folder') or '.'}): {warnings[0]}")
+            where = f"{_remote_label(item)} ({item.get('folder') or '.'})"
+            console.print(f"  {flag}{escape(where)}: {escape(str(warnings[0]))}")
     failures = data.get("failures") or []
     if failures:
         dead = Table(

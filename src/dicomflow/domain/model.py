@@ -459,6 +459,28 @@ def redrive(
     )
 
 
+SUPERSEDED = "superseded:"
+
+
+def supersede(item: Item, now: float, by_batch: str, finished_before: float) -> Item | None:
+    """A success of this series finished earlier than another batch's success into the same destination,
+    whose outputs replaced this one's (issue 13: outputs are replaced as a set). It keeps its state and
+    counts, but records no outputs (they were removed) and its fingerprint is marked so it no longer makes
+    the destination "already converted" with its options: converting with them again redoes the series."""
+    if item.state is not ItemState.SUCCEEDED or item.batch_id == by_batch or not item.outputs:
+        return None
+    if item.finished_at is None or item.finished_at >= finished_before:
+        return None
+    note = f"its outputs were replaced by the conversion of batch {by_batch}"
+    return replace(
+        item,
+        outputs=(),
+        fingerprint=item.fingerprint if item.fingerprint.startswith(SUPERSEDED) else SUPERSEDED + item.fingerprint,
+        warnings=(*item.warnings, note),
+        updated_at=now,
+    )
+
+
 def not_redriven(item: Item, now: float, failure: Failure, generation: int) -> Item | None:
     """A redrive found nothing it could convert again (the series' files are gone from the source, or the
     source cannot be read): the series stays dead-lettered, with the reason it was not retried."""

@@ -102,6 +102,9 @@ class LocalFolderSource:
                     elif entry.is_file(follow_symlinks=True):
                         size = entry.stat(follow_symlinks=True).st_size
                         yield FileRef(ref=entry.path, path=child_rel, size=size)
+                    elif entry.is_symlink() and not entry.is_dir(follow_symlinks=True):
+                        # Reported, not silently dropped: an archive of links whose targets moved.
+                        yield SkippedFile(child_rel, Ignored(IgnoredKind.UNREADABLE, "broken symbolic link"))
                 except OSError as exc:
                     yield SkippedFile(
                         child_rel, Ignored(IgnoredKind.UNREADABLE, errno.errorcode.get(exc.errno or 0, ""))
@@ -175,6 +178,11 @@ class LocalFolderSource:
                 ) from None
             except PermissionError:
                 raise AccessDenied(f"cannot read {source} (permission denied); fix its permissions") from None
+            if not os.access(ref.ref, os.R_OK):
+                raise AccessDenied(
+                    f"cannot read {source} (permission denied): fix its permissions, then retry the series "
+                    "with `dicomflow dlq retry`"
+                )
             if size != ref.size:
                 raise SeriesChanged(
                     "a file of this series changed since it was discovered (still being copied?); it will be "

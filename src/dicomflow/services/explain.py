@@ -1,0 +1,81 @@
+"""Failure reasons that name what to fix: the file dcm2niix complained about, and its own words.
+
+dcm2niix names the file it could not use ("Warning: File not large enough to store image data:
+/…/IM-0001-0003.dcm"), but the generic reason for its exit code does not, and the warnings kept with the
+series have their paths removed (they may hold folder names). This module maps the paths in dcm2niix's
+console back to the series' files and adds its message to the reason:
+- locally (local state and logs stay on the user's machine) by the file's path in the source:
+  "… dcm2niix said: File not large enough to store image data: sub-02/ses-01/T2/IM-0001-0003.dcm";
+- in the cloud, never by name (DESIGN.md §10: errors never reveal names): by position in the series and
+  Drive file id ("file 3 of 6, Drive id 1AbC…"), which the user can open in Drive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path, PurePath
+
+from dicomflow.domain.failures import DicomflowError
+from dicomflow.domain.paths import display
+from dicomflow.domain.series import FileRef
+
+# A line of dcm2niix's console that says something went wrong.
+_COMPLAINT = re.compile(r"^\s*(?:warning|error)\b[:\s]*(.*)$", re.IGNORECASE)
+_PATH = re.compile(r"(?:/[^\s:'\"]+)+")
+_DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,200}$")
+MAX_QUOTED = 2  # dcm2niix messages quoted in one reason
+MAX_LINE = 300
+
+
+def _labels(files: Sequence[FileRef], *, names: bool) -> dict[str, str]:
+    """What to call each file, by the names dcm2niix may print for it: its own name (a source folder
+    used in place) and the numbered name of a link or download (`000002.dcm`, see the Source port)."""
+    labels: dict[str, str] = {}
+    for index, ref in enumerate(files):
+        if names:
+            label = display(ref.path)
+        else:
+            label = f"file {index + 1} of {len(files)}" + (f", Drive id {ref.ref}" if _DRIVE_ID.match(ref.ref) else "")
+        labels[f"{index:06d}.dcm"] = label
+        if names:
+            labels.setdefault(PurePath(ref.ref).name, label)
+    return labels
+
+
+def _quoted(console: str, input_dir: Path, labels: dict[str, str]) -> list[str]:
+    """dcm2niix's complaints, each path replaced by the file it means (or dropped when it means none)."""
+    about_files: list[str] = []
+    others: list[str] = []
+    folder = str(input_dir)
+    for line in console.splitlines():
+        match = _COMPLAINT.match(line)
+        if not match:
+            continue
+        named = False
+
+        def label(path: re.Match[str]) -> str:
+            nonlocal named
+            text = path.group(0)
+            known = labels.get(PurePath(text).name) if text.startswith(folder) else None
+            named = named or known is not None
+            return known or "<path>"
+
+        message = _PATH.sub(label, match.group(1).strip())[:MAX_LINE]
+        bucket = about_files if named else others
+        if message and message not in bucket:
+            bucket.append(message)
+    return (about_files or others)[:MAX_QUOTED]
+
+
+def name_what_failed(
+    error: DicomflowError, console: str, input_dir: Path, files: Sequence[FileRef], *, names: bool
+) -> DicomflowError:
+    """Add to the reason of `error` (raised for a dcm2niix run over `files` in `input_dir`) dcm2niix's own
+    message about the file it could not use; returns the same error. `names`: the reason may name files
+    (local mode)."""
+    quoted = _quoted(console, input_dir, _labels(files, names=names))
+    if quoted:
+        error.reason = f"{error.reason} dcm2niix said: {'; '.join(quoted)}"
+        error.args = (error.reason,)
+    return error
