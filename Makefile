@@ -160,9 +160,10 @@ $(UV_VENV)/.installed:
 lock: $(STAMP) $(UV_VENV)/.installed
 	PATH=$(CURDIR)/$(UV_VENV)/bin:$$PATH $(PY) -m dicomflow.packaging lock
 
+# DEV_ARGS: more options of `dicomflow dev`, e.g. DEV_ARGS="--logs /tmp/dev-logs".
 .PHONY: dev
 dev: tools
-	DICOMFLOW_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(TASKS_VENV)/bin/python $(VENV)/bin/dicomflow dev
+	DICOMFLOW_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(TASKS_VENV)/bin/python $(VENV)/bin/dicomflow dev $(DEV_ARGS)
 
 .PHONY: constraints
 constraints: $(TEST_STAMP) $(LINT_STAMP)

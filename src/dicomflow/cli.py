@@ -482,10 +482,17 @@ def dev(log_dir: Path) -> None:
     """
     from dicomflow import devstack
 
-    def stop_on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # `kill` stops the stack as cleanly as Ctrl-C: no orphaned emulators
+    def stop_on_signal(_signum: int, _frame: object) -> None:
+        # `kill` stops the stack as cleanly as Ctrl-C. Only the first signal counts: `make dev` forwards its
+        # own SIGTERM, an impatient user presses Ctrl-C again, and neither may cut the shutdown short and
+        # leave emulators behind (issue 12). The shutdown is bounded (devstack.STOP_GRACE_SECONDS).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        click.echo("stopping the dev stack (a few seconds)...", err=True)
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGINT, stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     settings = _settings()
     click.echo("starting the dev stack (the Firestore emulator takes a few seconds)...", err=True)
     try:

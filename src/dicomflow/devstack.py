@@ -4,7 +4,9 @@ Used by `dicomflow dev` and by the emulator/e2e test tiers. Every component is a
 the way production runs it: the official Firestore emulator, gcloud-tasks-emulator (its own virtualenv:
 it pins an old protobuf), functions-framework serving the real entry points of functions/main.py, and
 the worker started with the exact CMD of container/Dockerfile. Each runs in its own process group,
-stopped as a group (the Firestore emulator's wrapper spawns a JVM that outlives a plain kill).
+stopped as a group (the Firestore emulator's wrapper spawns a JVM that outlives a plain kill), and a
+stop waits until no process of the group is left. A lifeline (dicomflow/lifeline.py) stops every group
+when the process that started the stack dies, even by SIGKILL (issue 12: no orphans).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from dicomflow.config import Settings, env_name
 from dicomflow.domain.failures import ConfigError
+from dicomflow.lifeline import Lifeline, stop_groups
 
 PROJECT = "dicomflow-dev"
 REGION = "us-central1"
@@ -41,6 +44,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# How long a stopping component may take to end after SIGTERM before its group is killed. The Firestore
+# emulator's JVM takes about 5 s; `dicomflow dev` must be gone within 10 s of Ctrl-C (issue 12).
+STOP_GRACE_SECONDS = 5.0
+
+
 @dataclass
 class Managed:
     """A child process in its own process group, with its output in a log file."""
@@ -48,24 +56,23 @@ class Managed:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    lifeline: Lifeline | None = None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=timeout)
+    def stop(self, timeout: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM the group, SIGKILL it after `timeout`; returns once no process of the group is left."""
+        stop_groups([self.process.pid], timeout, reap=[self.process])
+        self.process.wait(timeout=10)
+        if self.lifeline is not None:
+            self.lifeline.release(self.process.pid)
 
     def kill(self) -> None:
         """SIGKILL the whole group at once: a crash or an OOM kill, as far as the others can tell."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
+        stop_groups([self.process.pid], 0.0, reap=[self.process])
+        if self.lifeline is not None:
+            self.lifeline.release(self.process.pid)
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -75,7 +82,8 @@ class Managed:
 
 
 def start_process(name: str, args: list[str], log_dir: Path, *, env: Mapping[str, str] | None = None,
-                  cwd: Path | None = None) -> Managed:  # fmt: skip
+                  cwd: Path | None = None, lifeline: Lifeline | None = None) -> Managed:  # fmt: skip
+    """Start a component in a new process group (guarded by `lifeline` when given: it dies with us)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as log:
@@ -88,7 +96,9 @@ def start_process(name: str, args: list[str], log_dir: Path, *, env: Mapping[str
             cwd=cwd,
             start_new_session=True,
         )
-    return Managed(name, process, log_path)
+    if lifeline is not None:
+        lifeline.watch(process.pid)
+    return Managed(name, process, log_path, lifeline)
 
 
 def wait_http(url: str, managed: Managed, timeout: float, expect: str | None = None) -> None:
@@ -126,7 +136,7 @@ def firestore_emulator_available() -> bool:
     return shutil.which("gcloud") is not None and shutil.which("java") is not None
 
 
-def start_firestore(log_dir: Path, port: int | None = None) -> tuple[Managed, str]:
+def start_firestore(log_dir: Path, port: int | None = None, *, lifeline: Lifeline | None = None) -> tuple[Managed, str]:
     if not firestore_emulator_available():
         raise ConfigError(
             "the Firestore emulator needs gcloud and Java: install google-cloud-cli-firestore-emulator "
@@ -135,7 +145,10 @@ def start_firestore(log_dir: Path, port: int | None = None) -> tuple[Managed, st
     port = port or free_port()
     host = f"127.0.0.1:{port}"
     managed = start_process(
-        "firestore-emulator", ["gcloud", "emulators", "firestore", "start", f"--host-port={host}", "--quiet"], log_dir
+        "firestore-emulator",
+        ["gcloud", "emulators", "firestore", "start", f"--host-port={host}", "--quiet"],
+        log_dir,
+        lifeline=lifeline,
     )
     wait_http(f"http://{host}/", managed, timeout=120, expect="Ok")
     return managed, host
@@ -146,7 +159,14 @@ def queue_ids(settings: Settings) -> list[str]:
 
 
 def start_tasks_emulator(
-    python: str, log_dir: Path, project: str, queues: list[str], *, max_retries: int, port: int | None = None
+    python: str,
+    log_dir: Path,
+    project: str,
+    queues: list[str],
+    *,
+    max_retries: int,
+    port: int | None = None,
+    lifeline: Lifeline | None = None,
 ) -> tuple[Managed, str]:
     if not Path(python).is_absolute():
         python = str(REPO / python)  # the default .venv-tasks/bin/python is relative to the repository
@@ -158,7 +178,7 @@ def start_tasks_emulator(
     args = [python, "-m", "gcloud_tasks_emulator", "start", f"--port={port}", f"--max-retries={max_retries}"]
     for queue in queues:
         args.append(f"--default-queue=projects/{project}/locations/{REGION}/queues/{queue}")
-    managed = start_process("tasks-emulator", args, log_dir)
+    managed = start_process("tasks-emulator", args, log_dir, lifeline=lifeline)
     wait_port(port, managed, timeout=60)
     return managed, f"127.0.0.1:{port}"
 
@@ -186,40 +206,50 @@ class DevStack:
     firestore_host: str = ""
     tasks_host: str = ""
     log_dir: Path = Path()
+    lifeline: Lifeline | None = None
 
     @property
     def api_url(self) -> str:
         return self.urls["batches_api"]
 
     def stop(self) -> None:
-        for managed in reversed(list(self.processes.values())):
-            managed.stop()
+        """Stop every component at once (SIGTERM to every group, SIGKILL after the grace period), so the
+        whole stack is gone within STOP_GRACE_SECONDS + a few, whatever each component does."""
+        managed = list(self.processes.values())
+        stop_groups([m.process.pid for m in managed], STOP_GRACE_SECONDS, reap=[m.process for m in managed])
+        for m in managed:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                m.process.wait(timeout=2)
+            if m.lifeline is not None:
+                m.lifeline.release(m.process.pid)
 
     def restart(self, name: str) -> None:
         """Start a stopped or killed component again on its port (Cloud Run replacing an instance)."""
         old = self.processes[name]
         old.stop()
-        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir)
+        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir, self.lifeline)
 
     def add_worker(self, name: str) -> str:
         """One more worker instance on its own port (Cloud Run scaling out); returns its URL."""
         self.urls[name] = f"http://127.0.0.1:{free_port()}/"
-        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir)
+        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir, self.lifeline)
         return self.urls[name]
 
 
-def _start_app(name: str, env: Mapping[str, str], urls: Mapping[str, str], log_dir: Path) -> Managed:
+def _start_app(
+    name: str, env: Mapping[str, str], urls: Mapping[str, str], log_dir: Path, lifeline: Lifeline | None = None
+) -> Managed:
     port = int(urls[name].rsplit(":", 1)[1].split("/")[0])
     child_env = {**os.environ, **env, "PORT": str(port)}
     if name.startswith("worker"):
         # The image runs the installed package; here the same command runs in this virtualenv.
         command = dockerfile_cmd()
         command[0] = _venv_bin(command[0])
-        managed = start_process(name, command, log_dir, env=child_env, cwd=REPO / "container")
+        managed = start_process(name, command, log_dir, env=child_env, cwd=REPO / "container", lifeline=lifeline)
     else:
         args = [_venv_bin("functions-framework"), f"--target={name}", f"--source={REPO / 'functions' / 'main.py'}",
                 f"--port={port}", "--host=127.0.0.1"]  # fmt: skip
-        managed = start_process(f"function-{name}", args, log_dir, env=child_env)
+        managed = start_process(f"function-{name}", args, log_dir, env=child_env, lifeline=lifeline)
     wait_port(port, managed, timeout=60)
     return managed
 
@@ -237,16 +267,22 @@ def dev_stack(
 ) -> Iterator[DevStack]:
     """Start everything; stop everything on exit. `firestore_host` reuses a running emulator; a distinct
     `project` keeps this stack's data apart from another stack's on the same emulator."""
-    stack = DevStack(settings_env={}, urls={}, log_dir=log_dir)
+    lifeline = Lifeline(STOP_GRACE_SECONDS)
+    stack = DevStack(settings_env={}, urls={}, log_dir=log_dir, lifeline=lifeline)
     try:
         if firestore_host:
             stack.firestore_host = firestore_host
         else:
-            managed, stack.firestore_host = start_firestore(log_dir)
+            managed, stack.firestore_host = start_firestore(log_dir, lifeline=stack.lifeline)
             stack.processes["firestore"] = managed
         retries = settings.retry_max_attempts - 1 if tasks_max_retries is None else tasks_max_retries
         managed, stack.tasks_host = start_tasks_emulator(
-            settings.tasks_emulator_python, log_dir, project, queue_ids(settings), max_retries=retries
+            settings.tasks_emulator_python,
+            log_dir,
+            project,
+            queue_ids(settings),
+            max_retries=retries,
+            lifeline=stack.lifeline,
         )
         stack.processes["tasks"] = managed
         stack.urls = {name: f"http://127.0.0.1:{free_port()}/" for name in (*FUNCTIONS, "worker")}
@@ -282,7 +318,7 @@ def dev_stack(
         env.update(extra_env or {})
         stack.settings_env = env
         for name in (*FUNCTIONS, "worker"):
-            stack.processes[name] = _start_app(name, env, stack.urls, log_dir)
+            stack.processes[name] = _start_app(name, env, stack.urls, log_dir, stack.lifeline)
         stop = threading.Event()
         loop = None
         if reconcile_loop:
@@ -295,9 +331,11 @@ def dev_stack(
         finally:
             stop.set()
             if loop is not None:
-                loop.join(timeout=5)
+                # A reconcile request in flight ends on its own once the functions stop; do not wait for it.
+                loop.join(timeout=0.5)
     finally:
         stack.stop()
+        lifeline.close()
 
 
 def _reconcile_loop(stack: DevStack, interval: float, stop: threading.Event) -> None:
