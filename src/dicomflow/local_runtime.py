@@ -38,6 +38,8 @@ from dicomflow.services.submit import BatchRequest, find_resumable, submit
 log = logging.getLogger(__name__)
 
 RECENT_LIMIT = 50
+# SQLite's unix VFS refuses longer file names (MAX_PATHNAME 512, NUL included): "unable to open database file".
+SQLITE_MAX_PATH_BYTES = 511
 # A reader probing the lock (status: "is this batch's run alive?") holds it for microseconds; a run
 # starting at that moment waits this long before it calls the state busy.
 LOCK_PATIENCE_SECONDS = 2.0
@@ -200,6 +202,11 @@ def open_session(settings: Settings) -> Iterator[LocalSession]:
     """Lock the state file, boot the worker processes, configure logging into the state folder and
     recover from any crash of an earlier run."""
     state_path = Path(settings.state_path).expanduser().resolve()
+    if len(os.fsencode(str(state_path))) > SQLITE_MAX_PATH_BYTES:
+        raise ConfigError(
+            f"the state file {state_path} is too long a path for SQLite (at most {SQLITE_MAX_PATH_BYTES} bytes): "
+            "choose a destination with a shorter path, or keep the state elsewhere with --state FILE"
+        )
     log_file = state_path.parent / "dicomflow.log"
     with state_lock(state_path):
         progress_queue = multiprocessing.get_context("spawn").Queue()

@@ -73,7 +73,7 @@ def find_batch(store: StateStore, prefix: str) -> Batch:
         pass
     matches = [b for b in store.list_batches(limit=ALL_BATCHES, counted=False) if b.batch_id.startswith(prefix)]
     if len(matches) > 1:
-        ids = ", ".join(b.batch_id for b in matches[:10])
+        ids = ", ".join(sorted(b.batch_id for b in matches)[:10])
         raise ConfigError(f"{prefix!r} matches {len(matches)} batches ({ids}); give more of the id")
     if not matches:
         raise NotFound(f"no batch {prefix!r} in this state")

@@ -261,9 +261,10 @@ def _print_notes(console: Console, report: Report) -> None:
     )
     for item in sorted(report.noted, key=lambda i: (not i.incomplete, i.rel_dir, i.output_stem))[:SHOWN_PER_LIST]:
         flag = "[red]INCOMPLETE[/red] " if item.incomplete else ""
-        first = item.warnings[0] if item.warnings else ""
+        # dicomflow's own note on what is missing comes last (domain/conversion.py `assess`): lead with it.
+        shown = (item.warnings[-1] if item.incomplete else item.warnings[0]) if item.warnings else ""
         extra = f" (+{len(item.warnings) - 1} more)" if len(item.warnings) > 1 else ""
-        console.print(f"  {flag}{escape(_where(item))}: {escape(first)}{extra}")
+        console.print(f"  {flag}{escape(_where(item))}: {escape(shown)}{extra}")
 
 
 def _print_skipped(console: Console, report: Report) -> None:
