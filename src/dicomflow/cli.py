@@ -83,6 +83,10 @@ def main() -> None:
 
     Sources and destinations are local folders or Google Drive folders (drive://FOLDER_ID).
     Settings can also be given as environment variables DICOMFLOW_<NAME>.
+
+    Exit codes: 0 every series converted (or already up to date); 2 something was dead-lettered
+    (see `dicomflow dlq list`); 1 usage or configuration error, or no DICOM series found; 130
+    interrupted (run the same command again to resume).
     """
 
 
@@ -123,9 +127,10 @@ def convert(
     """Convert every DICOM series under SOURCE into NIfTI under DESTINATION, on this machine.
 
     The output tree mirrors SOURCE's folders. Series already converted into DESTINATION with the same
-    files, converter and options are skipped (use --force to redo them). An interrupted run resumes
-    where it stopped when the same command is run again. The progress state is kept in
-    DESTINATION/.dicomflow/ (or --state).
+    files, converter and options are skipped (use --force to redo them); a series converted again
+    replaces the outputs it had. An interrupted run resumes where it stopped when the same command is
+    run again. The progress state is kept in DESTINATION/.dicomflow/ (or --state). SOURCE and
+    DESTINATION must not contain each other.
     """
     from dicomflow import local_runtime
 
@@ -227,7 +232,9 @@ def _target(batch: str | None, destination: str | None, state_path: str | None) 
     from dicomflow import local_targets
 
     try:
-        return local_targets.resolve(batch, destination, state_path or load_settings().state_path or None)
+        # An explicit DEST wins over DICOMFLOW_STATE_PATH from the environment (only --state conflicts).
+        state = state_path or (None if destination else load_settings().state_path) or None
+        return local_targets.resolve(batch, destination, state)
     except DicomflowError as exc:
         fail(exc.reason)
 
