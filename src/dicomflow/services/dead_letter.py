@@ -107,21 +107,22 @@ def redrive(ctx: Context, batch_id: str) -> int:
     batch = ctx.store.get_batch(batch_id, counted=False)
     if batch.status in (BatchStatus.CANCELLED, BatchStatus.FAILED, BatchStatus.EXPANDING):
         return 0
+    dead: list[model.Item] = []
+    while page := ctx.store.list_items(batch_id, _DEAD, after=dead[-1].item_id if dead else "", limit=PAGE):
+        dead.extend(page)
+    try:
+        now_in_source = reread_series(ctx, batch, dead)  # one listing of the source for all of them
+    except DicomflowError as exc:
+        if not exc.permanent:
+            raise  # the task is retried
+        unreadable = Failure(exc.code, f"not retried: the source could not be read again ({exc.reason})", True)
+        for item in dead:
+            _keep_dead(ctx, item, unreadable)
+        settle_batch(ctx, batch_id)
+        return 0
     redriven = 0
-    after = ""
-    while page := ctx.store.list_items(batch_id, frozenset({ItemState.DEAD_LETTERED}), after=after, limit=200):
-        try:
-            now_in_source = reread_series(ctx, batch, page)
-        except DicomflowError as exc:
-            if not exc.permanent:
-                raise  # the task is retried
-            unreadable = Failure(
-                exc.code, f"not retried: the source could not be read again ({exc.reason})", permanent=True
-            )
-            for item in page:
-                _keep_dead(ctx, item, unreadable)
-            after = page[-1].item_id
-            continue
+    for start in range(0, len(dead), PAGE):
+        page = dead[start : start + PAGE]
         ready = [i for i in page if i.item_id in now_in_source]
         ctx.queue.enqueue([convert_task_for(i, i.generation + 1) for i in ready])
         for item in page:
@@ -134,7 +135,6 @@ def redrive(ctx: Context, batch_id: str) -> int:
             )
             _, changed = ctx.update_item(batch_id, item.item_id, change)
             redriven += int(changed)
-        after = page[-1].item_id
     if redriven:
         event(Event.SERIES_REDRIVEN, f"{redriven} dead-lettered series re-enqueued", batch_id=batch_id,
               count=redriven)  # fmt: skip
@@ -142,6 +142,8 @@ def redrive(ctx: Context, batch_id: str) -> int:
     return redriven
 
 
+_DEAD = frozenset({ItemState.DEAD_LETTERED})
+PAGE = 200
 _GONE = Failure(
     "series_gone",
     "not retried: none of this series' files are in its source folder any more (removed or moved); "
