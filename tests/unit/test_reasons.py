@@ -69,3 +69,10 @@ def test_an_output_path_longer_than_the_file_system_accepts_is_refused_before_wr
         LocalFolderSink().publish(Location(LocationKind.LOCAL, str(tmp_path / "out")), deep, [output], "key")
     assert not (tmp_path / "out" / ("a" * 200)).exists()  # refused before any folder was made
     assert PathTooLong.permanent
+
+
+def test_folder_and_file_names_with_spaces_are_recognised_whole() -> None:
+    files = [FileRef(f"/data/My Exams/ct/IM {n}.dcm", f"My Exams/ct/IM {n}.dcm", 10) for n in range(2)]
+    console = CONSOLE.format(folder="/data/My Exams/ct", name="IM 1.dcm")
+    error = name_what_failed(_error(), console, Path("/data/My Exams/ct"), files, names=True)
+    assert error.reason.endswith("store image data: My Exams/ct/IM 1.dcm")

@@ -24,6 +24,7 @@ from dicomflow.domain.series import FileRef
 _COMPLAINT = re.compile(r"^\s*(?:warning|error)\b[:\s]*(.*)$", re.IGNORECASE)
 _PATH = re.compile(r"(?:/[^\s:'\"]+)+")
 _DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,200}$")
+_PATH_END = frozenset(" \t'\",;:)")
 MAX_QUOTED = 2  # dcm2niix messages quoted in one reason
 MAX_LINE = 300
 
@@ -44,28 +45,46 @@ def _labels(files: Sequence[FileRef], *, names: bool) -> dict[str, str]:
 
 
 def _quoted(console: str, input_dir: Path, labels: dict[str, str]) -> list[str]:
-    """dcm2niix's complaints, each path replaced by the file it means (or dropped when it means none)."""
+    """dcm2niix's complaints, each file of the series replaced by its label and any other path by
+    `<path>`. Paths of the series are found whole (folder names may hold spaces), before the rest is
+    scrubbed; labels go in last (a label is a path itself, locally)."""
     about_files: list[str] = []
     others: list[str] = []
-    folder = str(input_dir)
+    folder = str(input_dir).rstrip("/") + "/"
     for line in console.splitlines():
         match = _COMPLAINT.match(line)
         if not match:
             continue
-        named = False
-
-        def label(path: re.Match[str]) -> str:
-            nonlocal named
-            text = path.group(0)
-            known = labels.get(PurePath(text).name) if text.startswith(folder) else None
-            named = named or known is not None
-            return known or "<path>"
-
-        message = _PATH.sub(label, match.group(1).strip())[:MAX_LINE]
-        bucket = about_files if named else others
+        message, used = _mark_files(match.group(1).strip(), folder, labels)
+        message = _PATH.sub("<path>", message)[:MAX_LINE]
+        for index, label in enumerate(used):
+            message = message.replace(f"\x00{index}\x00", label)
+        bucket = about_files if used else others
         if message and message not in bucket:
             bucket.append(message)
     return (about_files or others)[:MAX_QUOTED]
+
+
+def _mark_files(message: str, folder: str, labels: dict[str, str]) -> tuple[str, list[str]]:
+    """Replace each `folder/<file of the series>` in `message` by a placeholder; returns the labels in order.
+    The longest name that ends where the path ends wins (`000002.dcm`, not a file called `000`)."""
+    used: list[str] = []
+    out: list[str] = []
+    rest = message
+    while (at := rest.find(folder)) >= 0:
+        out.append(rest[:at])
+        tail = rest[at + len(folder) :]
+        fits = [n for n in labels if tail.startswith(n) and (len(tail) == len(n) or tail[len(n)] in _PATH_END)]
+        if not fits:
+            out.append(folder)
+            rest = tail
+            continue
+        name = max(fits, key=len)
+        out.append(f"\x00{len(used)}\x00")
+        used.append(labels[name])
+        rest = tail[len(name) :]
+    out.append(rest)
+    return "".join(out), used
 
 
 def name_what_failed(
