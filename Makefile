@@ -20,7 +20,11 @@ PIP := $(PY) -m pip
 TASKS_VENV := .venv-tasks
 CHECKOV_VENV := .venv-checkov
 UV_VENV := .venv-uv
+# Three install stamps, so each target installs only what it needs: `make demo` the package alone,
+# `make lint` the linters, `make test` the test tools (and the emulators, through `tools`).
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+LINT_STAMP := $(VENV)/.installed-lint
 TIERS := unit contract simulation integration emulator e2e infra
 # A test belongs to exactly one tier: the most demanding of its markers wins.
 TIER_unit := unit
@@ -43,11 +47,20 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[test,lint]'
+	$(PIP) install --quiet -c constraints.txt -e .
 	@touch $@
 
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	@touch $@
+
+$(LINT_STAMP): $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e '.[lint]'
+	@touch $@
+
+# Everything a developer needs in .venv (the package, test and lint tools).
 .PHONY: venv
-venv: $(STAMP)
+venv: $(STAMP) $(TEST_STAMP) $(LINT_STAMP)
 
 # gcloud-tasks-emulator pins an old protobuf/grpc, so it lives in its own virtualenv (GCP_FACTS §4).
 $(TASKS_VENV)/.installed:
@@ -72,7 +85,7 @@ firestore-emulator:
 	fi
 
 .PHONY: tools
-tools: $(STAMP) $(TASKS_VENV)/.installed $(CHECKOV_VENV)/.installed firestore-emulator
+tools: $(TEST_STAMP) $(TASKS_VENV)/.installed $(CHECKOV_VENV)/.installed firestore-emulator
 
 # --- everyday targets --------------------------------------------------------------------------------
 
@@ -81,7 +94,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dicomflow demo --dir demo-out
 
 .PHONY: lint
-lint: $(STAMP)
+lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check src tests functions container bench
 	$(VENV)/bin/ruff format --check src tests functions container bench
 	$(VENV)/bin/mypy
@@ -121,11 +134,11 @@ test-%: tools
 	$(PY) -m pytest -m "$(TIER_$*)" -p no:cacheprovider
 
 .PHONY: soak
-soak: $(STAMP)
+soak: $(TEST_STAMP)
 	$(PY) -m tests.sim --seeds 100000 --jobs $$(nproc)
 
 .PHONY: bench
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) bench/local_overhead.py
 	$(PY) bench/drive_transfer.py
 	$(PY) bench/fanout.py
@@ -147,12 +160,13 @@ $(UV_VENV)/.installed:
 lock: $(STAMP) $(UV_VENV)/.installed
 	PATH=$(CURDIR)/$(UV_VENV)/bin:$$PATH $(PY) -m dicomflow.packaging lock
 
+# DEV_ARGS: more options of `dicomflow dev`, e.g. DEV_ARGS="--logs /tmp/dev-logs".
 .PHONY: dev
 dev: tools
-	DICOMFLOW_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(TASKS_VENV)/bin/python $(VENV)/bin/dicomflow dev
+	DICOMFLOW_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(TASKS_VENV)/bin/python $(VENV)/bin/dicomflow dev $(DEV_ARGS)
 
 .PHONY: constraints
-constraints: $(STAMP)
+constraints: $(TEST_STAMP) $(LINT_STAMP)
 	@{ sed -n '1,2p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^-e' | sort; } > constraints.tmp
 	@mv constraints.tmp constraints.txt
 

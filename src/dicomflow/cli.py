@@ -8,6 +8,7 @@ dead-lettered (see `dicomflow dlq list`); 1 = usage or configuration error, or n
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 import time
@@ -19,12 +20,12 @@ import click
 
 from dicomflow.config import Mode, Settings, describe, load_settings
 from dicomflow.domain.failures import DicomflowError
-from dicomflow.domain.locations import Location, parse_location
+from dicomflow.domain.locations import Location, check_apart, parse_location
 from dicomflow.domain.model import BatchStatus, ItemState
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.services.dead_letter import retry_dead_letters
 from dicomflow.services.submit import BatchRequest
-from dicomflow.ui import RunDisplay, print_json, print_summary, summary_dict
+from dicomflow.ui import INTERRUPTED, RunDisplay, build_report, print_json, print_summary, summary_dict
 
 EXIT_OK = 0
 EXIT_USAGE = 1
@@ -38,6 +39,25 @@ class CliError(click.ClickException):
 
 def fail(message: str) -> NoReturn:
     raise CliError(message)
+
+
+class DicomflowGroup(click.Group):
+    """click exits 2 on a usage error (an unknown option, a missing argument); dicomflow's README gives 2
+    to "something was dead-lettered", so every usage or configuration error exits 1 instead, and an
+    interruption 130."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(EXIT_USAGE)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        # Only `--help`/`--version` (or a command that returns instead of exiting) get here.
+        sys.exit(result if isinstance(result, int) else EXIT_OK)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -56,13 +76,17 @@ def _location(text: str, field: str) -> Location:
         fail(f"{field}: {exc.reason}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=DicomflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="dicomflow")
 def main() -> None:
     """Convert DICOM series to NIfTI (.nii.gz + BIDS JSON) with dcm2niix.
 
     Sources and destinations are local folders or Google Drive folders (drive://FOLDER_ID).
     Settings can also be given as environment variables DICOMFLOW_<NAME>.
+
+    Exit codes: 0 every series converted (or already up to date); 2 something was dead-lettered
+    (see `dicomflow dlq list`); 1 usage or configuration error, or no DICOM series found; 130
+    interrupted (run the same command again to resume).
     """
 
 
@@ -103,14 +127,19 @@ def convert(
     """Convert every DICOM series under SOURCE into NIfTI under DESTINATION, on this machine.
 
     The output tree mirrors SOURCE's folders. Series already converted into DESTINATION with the same
-    files, converter and options are skipped (use --force to redo them). An interrupted run resumes
-    where it stopped when the same command is run again. The progress state is kept in
-    DESTINATION/.dicomflow/ (or --state).
+    files, converter and options are skipped (use --force to redo them); a series converted again
+    replaces the outputs it had. An interrupted run resumes where it stopped when the same command is
+    run again. The progress state is kept in DESTINATION/.dicomflow/ (or --state). SOURCE and
+    DESTINATION must not contain each other.
     """
     from dicomflow import local_runtime
 
     src = _location(source, "source")
     dst = _location(destination, "destination")
+    try:
+        check_apart((src,), dst)
+    except DicomflowError as exc:
+        fail(exc.reason)
     state = state_path or load_settings().state_path or str(local_runtime.default_state_path(dst))
     settings = _settings(mode=Mode.LOCAL, workers=workers, state_path=state)
     request = BatchRequest(
@@ -157,7 +186,8 @@ def _run_local(
             with display:
                 local_runtime.run_queue(session, display.step, tick)
             final = ctx.store.get_batch(batch.batch_id)
-            failures = local_runtime.dead_letters(ctx, batch.batch_id)
+            # The queue is drained: a batch still unfinished now has nothing left to finish it but a new run.
+            report = build_report(final, local_runtime.all_items(ctx.store, batch.batch_id), run_alive=False)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: nothing is lost; run the same command again to resume", err=True)
         return EXIT_INTERRUPTED
@@ -166,43 +196,91 @@ def _run_local(
 
     elapsed = time.monotonic() - started
     if as_json:
-        print_json(sys.stdout, summary_dict(final, failures) | {"elapsed_seconds": round(elapsed, 3)})
+        print_json(sys.stdout, summary_dict(report) | {"elapsed_seconds": round(elapsed, 3)})
     else:
-        print_summary(sys.stdout, final, failures, elapsed)
-    return _exit_code(final)
+        print_summary(sys.stdout, report, elapsed)
+        if report.failure and report.status == "failed":
+            click.echo(report.failure.reason, err=True)
+    return exit_code(report.status)
 
 
-def _exit_code(batch: Any) -> int:
-    if batch.status is BatchStatus.FAILED:
-        return EXIT_USAGE
-    if batch.counters.dead_lettered:
-        return EXIT_DEAD_LETTERS
-    if not batch.is_final:
-        return EXIT_INTERRUPTED
-    if batch.counters.series_total == 0:
-        click.echo(
-            "no DICOM series found in the source"
-            + (f" ({batch.files_ignored} file(s) skipped as not DICOM)" if batch.files_ignored else ""),
-            err=True,
-        )
-        return EXIT_USAGE
-    return EXIT_OK
+def exit_code(status: str) -> int:
+    """The exit code of a batch's status as `build_report` words it (the JSON `status` says the same)."""
+    return {
+        BatchStatus.COMPLETED.value: EXIT_OK,
+        BatchStatus.CANCELLED.value: EXIT_OK,
+        BatchStatus.COMPLETED_WITH_FAILURES.value: EXIT_DEAD_LETTERS,
+        BatchStatus.FAILED.value: EXIT_USAGE,
+        INTERRUPTED: EXIT_INTERRUPTED,
+    }.get(status, EXIT_OK)
 
 
 # --- status and dead letters ----------------------------------------------------------------------------
 
 
 def _local_session_settings(state_path: str | None) -> Settings:
+    """Settings on an explicitly given local state file (--state FILE or DICOMFLOW_STATE_PATH)."""
+    explicit = state_path or load_settings().state_path
+    path = Path(explicit).expanduser() if explicit else None
+    if path is None or not path.exists():
+        fail(f"no dicomflow state at {path}: pass --state FILE (DESTINATION/.dicomflow/state.sqlite)")
+    return _settings(mode=Mode.LOCAL, state_path=str(path))
+
+
+def _target(batch: str | None, destination: str | None, state_path: str | None) -> Any:
+    """Which local state (and batch) the command is about; None: list the recent destinations."""
+    from dicomflow import local_targets
+
+    try:
+        # An explicit DEST wins over DICOMFLOW_STATE_PATH from the environment (only --state conflicts).
+        state = state_path or (None if destination else load_settings().state_path) or None
+        return local_targets.resolve(batch, destination, state)
+    except DicomflowError as exc:
+        fail(exc.reason)
+
+
+def _report(ctx: Any, batch: Any) -> Any:
+    """The batch's report, saying "interrupted" when it is unfinished and no run holds its state."""
     from dicomflow import local_runtime
 
-    explicit = state_path or load_settings().state_path
-    path = Path(explicit).expanduser() if explicit else local_runtime.remembered_state()
-    if path is None or not path.exists():
-        fail(
-            "no local dicomflow state found: run `dicomflow convert` first, or pass --state FILE "
-            "(DESTINATION/.dicomflow/state.sqlite)"
-        )
-    return _settings(mode=Mode.LOCAL, state_path=str(path))
+    state = Path(ctx.settings.state_path)
+    alive = local_runtime.live_holder(state) is not None
+    hint = ""
+    if not batch.is_final and not alive:
+        sources = " ".join(shlex.quote(s.uri) for s in batch.sources)
+        hint = f" (dicomflow convert {sources} {shlex.quote(batch.destination.uri)})"
+    return build_report(batch, local_runtime.all_items(ctx.store, batch.batch_id), run_alive=alive, resume_hint=hint)
+
+
+def _print_recent(command: str, as_json: bool) -> None:
+    """No DEST and no batch: the destinations used recently, for the user to choose from."""
+    from dicomflow import local_targets
+
+    recent = local_targets.recent_destinations()
+    rows: list[dict[str, Any]] = []
+    for known in recent:
+        latest = known.latest
+        status = None
+        if latest is not None:
+            status = build_report(latest, [], run_alive=known.run_alive).status
+        rows.append({
+            "destination": latest.destination.uri if latest else None,
+            "state": str(known.state_path),
+            "latest_batch": latest.batch_id if latest else None,
+            "status": status,
+            "created_at": latest.created_at if latest else None,
+        })  # fmt: skip
+    if as_json:
+        print_json(sys.stdout, rows)
+        return
+    if not rows:
+        click.echo("no local destinations yet: run `dicomflow convert SOURCE DESTINATION` first")
+        return
+    click.echo(f"recent destinations (give one: `dicomflow {command} DESTINATION`, or a batch id):")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"])) if row["created_at"] else ""
+        shown = row["destination"] or f"(state {row['state']})"
+        click.echo(f"  {shown}\n      latest batch {row['latest_batch'] or '-'}  {row['status'] or ''}  {when}")
 
 
 def _read_context(settings: Settings) -> Any:
@@ -229,33 +307,44 @@ def _api(api_url: str | None) -> Any:
 
 
 @main.command()
-@click.argument("batch_id", required=False)
+@click.argument("batch_id", required=False, metavar="[BATCH]")
+@click.argument("destination", required=False, metavar="[DEST]")
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
 @API_OPTION
 @click.option("--watch", is_flag=True, help="Refresh every 2 seconds until the batch finishes.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def status(batch_id: str | None, state_path: str | None, api_url: str | None, watch: bool, as_json: bool) -> None:
-    """Show the latest batches, or one batch with its counters and failures.
+def status(
+    batch_id: str | None, destination: str | None, state_path: str | None, api_url: str | None, watch: bool,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Show the batches of a destination, or one batch with its counters, warnings and failures.
 
-    Reads the local state (as written by `dicomflow convert`), or the batch API with --api URL
-    (or DICOMFLOW_API_URL).
+    Locally each destination keeps its own state (DEST/.dicomflow): `status DEST` lists its batches,
+    `status BATCH [DEST]` shows one (a unique prefix of the id is enough; without DEST the destinations used
+    recently are searched), and `status` alone lists the destinations used recently. With --api URL (or
+    DICOMFLOW_API_URL) it reads the batch API instead.
     """
     api = _api(api_url)
     if api is not None:
         sys.exit(_remote_status(api, batch_id, watch, as_json))
-    ctx = _read_context(_local_session_settings(state_path))
+    target = _target(batch_id, destination, state_path)
+    if target is None:
+        _print_recent("status", as_json)
+        sys.exit(EXIT_OK)
+    ctx = _read_context(_settings(mode=Mode.LOCAL, state_path=str(target.state_path)))
     try:
-        if batch_id is None:
-            batches = ctx.store.list_batches(limit=10)
+        if target.batch_id is None:
+            batches = ctx.store.list_batches(limit=20)
+            reports = [_report(ctx, b) for b in batches]
             if as_json:
-                print_json(sys.stdout, [summary_dict(b, []) for b in batches])
+                print_json(sys.stdout, [summary_dict(r) for r in reports])
             else:
-                _print_batches(batches)
-            return
+                _print_batches(reports)
+            sys.exit(EXIT_OK)
         while True:
-            batch = ctx.store.get_batch(batch_id)
-            failures = ctx.store.list_items(batch_id, frozenset({ItemState.DEAD_LETTERED}), limit=200)
-            if not watch or batch.is_final:
+            report = _report(ctx, ctx.store.get_batch(target.batch_id))
+            batch = report.batch
+            if not watch or batch.is_final or report.status == INTERRUPTED:
                 break
             click.echo(
                 f"{time.strftime('%H:%M:%S')} {batch.status.value}: {batch.counters.finished}/"
@@ -266,10 +355,10 @@ def status(batch_id: str | None, state_path: str | None, api_url: str | None, wa
     except DicomflowError as exc:
         fail(exc.reason)
     if as_json:
-        print_json(sys.stdout, summary_dict(batch, failures))
+        print_json(sys.stdout, summary_dict(report))
     else:
-        print_summary(sys.stdout, batch, failures)
-    sys.exit(_exit_code(batch) if batch.is_final else EXIT_OK)
+        print_summary(sys.stdout, report)
+    sys.exit(exit_code(report.status))
 
 
 def _remote_exit(data: dict[str, Any]) -> int:
@@ -436,10 +525,17 @@ def dev(log_dir: Path) -> None:
     """
     from dicomflow import devstack
 
-    def stop_on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # `kill` stops the stack as cleanly as Ctrl-C: no orphaned emulators
+    def stop_on_signal(_signum: int, _frame: object) -> None:
+        # `kill` stops the stack as cleanly as Ctrl-C. Only the first signal counts: `make dev` forwards its
+        # own SIGTERM, an impatient user presses Ctrl-C again, and neither may cut the shutdown short and
+        # leave emulators behind (issue 12). The shutdown is bounded (devstack.STOP_GRACE_SECONDS).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        click.echo("stopping the dev stack (a few seconds)...", err=True)
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGINT, stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     settings = _settings()
     click.echo("starting the dev stack (the Firestore emulator takes a few seconds)...", err=True)
     try:
@@ -461,20 +557,20 @@ def dev(log_dir: Path) -> None:
         fail(exc.reason)
 
 
-def _print_batches(batches: list[Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(header_style="bold")
-    for column in ("batch", "created", "status", "series", "ok", "skipped", "dead", "label"):
-        table.add_column(column)
-    for b in batches:
-        c = b.counters
-        table.add_row(
-            b.batch_id, time.strftime("%Y-%m-%d %H:%M", time.localtime(b.created_at)), b.status.value,
-            str(c.series_total), str(c.succeeded), str(c.skipped), str(c.dead_lettered), b.label,
-        )  # fmt: skip
-    Console(highlight=False).print(table if batches else "no batches yet")
+def _print_batches(reports: list[Any]) -> None:
+    """One line per batch, ids in full (a table would cut them to the terminal's width)."""
+    if not reports:
+        click.echo("no batches yet")
+        return
+    for report in reports:
+        b, c = report.batch, report.batch.counters
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(b.created_at))
+        click.echo(
+            f"{b.batch_id}  {created}  {report.status:<23}  {c.series_total} series: {c.succeeded} ok, "
+            f"{c.skipped} skipped, {c.dead_lettered} dead-lettered"
+            + (f"  {b.label}" if b.label else "")
+            + (f"\n    interrupted: run the same command to resume{report.resume_hint}" if report.resume_hint else "")
+        )
 
 
 @main.group()
@@ -483,12 +579,16 @@ def dlq() -> None:
 
 
 @dlq.command("list")
-@click.argument("batch_id", required=False)
+@click.argument("batch_id", required=False, metavar="[BATCH]")
+@click.argument("destination", required=False, metavar="[DEST]")
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
 @API_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def dlq_list(batch_id: str | None, state_path: str | None, api_url: str | None, as_json: bool) -> None:
-    """List dead-lettered series of one batch (or of the latest batches) with their reasons."""
+def dlq_list(
+    batch_id: str | None, destination: str | None, state_path: str | None, api_url: str | None, as_json: bool
+) -> None:
+    """List dead-lettered series with their reasons: of one batch (`dlq list BATCH [DEST]`), or of the
+    latest batches of a destination (`dlq list DEST`). Without either, lists the destinations used recently."""
     api = _api(api_url)
     if api is not None:
         if batch_id is None:
@@ -500,22 +600,31 @@ def dlq_list(batch_id: str | None, state_path: str | None, api_url: str | None, 
         if as_json:
             print_json(sys.stdout, failures)
         for item in failures:
-            click.echo(f"{batch_id}  {item['item_id'][:12]}  series {item.get('series_number') or ''} "
+            click.echo(f"{batch_id}  {item['item_id']}  series {item.get('series_number') or ''} "
                        f"{item.get('description', '')}: {(item.get('failure') or {}).get('reason', '')}")  # fmt: skip
         if not failures:
             click.echo("no dead-lettered series")
         return
-    ctx = _read_context(_local_session_settings(state_path))
+    _local_dlq_list(batch_id, destination, state_path, as_json)
+
+
+def _local_dlq_list(batch_id: str | None, destination: str | None, state_path: str | None, as_json: bool) -> None:
+    from dicomflow import local_runtime
+
+    target = _target(batch_id, destination, state_path)
+    if target is None:
+        _print_recent("dlq list", as_json)
+        sys.exit(EXIT_OK)
+    ctx = _read_context(_settings(mode=Mode.LOCAL, state_path=str(target.state_path)))
     try:
-        batches = [ctx.store.get_batch(batch_id)] if batch_id else ctx.store.list_batches(limit=20)
+        batches = [ctx.store.get_batch(target.batch_id)] if target.batch_id else ctx.store.list_batches(limit=20)
     except DicomflowError as exc:
         fail(exc.reason)
-    rows = []
-    for batch in batches:
-        for item in ctx.store.list_items(batch.batch_id, frozenset({ItemState.DEAD_LETTERED}), limit=1000):
-            rows.append((batch, item))
+    dead = frozenset({ItemState.DEAD_LETTERED})
+    rows = [(b, i) for b in batches for i in local_runtime.all_items(ctx.store, b.batch_id, dead)]
     if as_json:
-        print_json(sys.stdout, [summary_dict(b, [i])["dead_letters"][0] | {"batch_id": b.batch_id} for b, i in rows])
+        print_json(sys.stdout, [summary_dict(build_report(b, [i]))["dead_letters"][0] | {"batch_id": b.batch_id}
+                                for b, i in rows])  # fmt: skip
         return
     if not rows:
         click.echo("no dead-lettered series")
@@ -523,22 +632,33 @@ def dlq_list(batch_id: str | None, state_path: str | None, api_url: str | None, 
     for batch, item in rows:
         reason = item.failure.reason if item.failure else ""
         number = "" if item.series_number is None else item.series_number
-        click.echo(f"{batch.batch_id}  {item.item_id[:12]}  series {number} {item.description}: {reason}")
+        click.echo(f"{batch.batch_id}  {item.item_id}  series {number} {item.description}: {reason}")
+    first = rows[0][0]
+    if local_runtime.default_state_path(first.destination).resolve() == target.state_path.resolve():
+        where = shlex.quote(first.destination.uri)
+    else:
+        where = f"--state {shlex.quote(str(target.state_path))}"
+    click.echo(f"\nfix the cause, then: dicomflow dlq retry {first.batch_id} {where}")
 
 
 @dlq.command("retry")
-@click.argument("batch_id")
+@click.argument("batch_id", metavar="BATCH")
+@click.argument("destination", required=False, metavar="[DEST]")
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
 @API_OPTION
 @click.option("--workers", type=int, help=describe("workers"))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output; only the summary.")
 def dlq_retry(
-    batch_id: str, state_path: str | None, api_url: str | None, workers: int | None, as_json: bool, quiet: bool
-) -> None:
-    """Re-enqueue the dead-lettered series of BATCH_ID with a fresh attempt budget and convert them.
+    batch_id: str, destination: str | None, state_path: str | None, api_url: str | None, workers: int | None,
+    as_json: bool, quiet: bool,
+) -> None:  # fmt: skip
+    """Convert the dead-lettered series of BATCH again, with a fresh attempt budget.
 
-    Locally this runs the conversions now; with --api it asks the cloud to (follow with status --watch)."""
+    Each series' files are read again from the source first (files added, fixed or removed since are taken
+    as they are now). Locally this runs the conversions now, reading DEST's state (a unique prefix of BATCH is
+    enough; without DEST the destinations used recently are searched); with --api it asks the cloud to
+    (follow with status --watch)."""
     api = _api(api_url)
     if api is not None:
         try:
@@ -547,15 +667,18 @@ def dlq_retry(
             fail(exc.reason)
         click.echo(f"re-enqueued {result['redriven']} series of batch {batch_id}")
         sys.exit(EXIT_OK)
-    base = _local_session_settings(state_path)
-    settings = _settings(mode=Mode.LOCAL, state_path=base.state_path, workers=workers)
+    target = _target(batch_id, destination, state_path)
+    if target is None or target.batch_id is None:
+        fail("give the BATCH whose dead-lettered series to retry")
+    full_id = target.batch_id
+    settings = _settings(mode=Mode.LOCAL, state_path=str(target.state_path), workers=workers)
 
     def start(session: Any) -> tuple[Any, bool]:
-        _, count = retry_dead_letters(session.ctx, batch_id)
+        _, count = retry_dead_letters(session.ctx, full_id)
         if count == 0:
-            fail(f"batch {batch_id} has no dead-lettered series")
-        click.echo(f"retrying {count} dead-lettered series", err=True)
-        return session.ctx.store.get_batch(batch_id), False
+            fail(f"batch {full_id} has no dead-lettered series")
+        click.echo(f"retrying {count} dead-lettered series of batch {full_id}", err=True)
+        return session.ctx.store.get_batch(full_id), False
 
     sys.exit(_run_local(settings, start, as_json, quiet))
 
@@ -576,7 +699,7 @@ def _watch_context(state_path: str | None) -> Any:
 def _default_watch_state() -> Path:
     from dicomflow import local_runtime
 
-    return local_runtime.STATE_HOME / "watches.sqlite"
+    return local_runtime.state_home() / "watches.sqlite"
 
 
 @main.group()

@@ -4,7 +4,9 @@ Used by `dicomflow dev` and by the emulator/e2e test tiers. Every component is a
 the way production runs it: the official Firestore emulator, gcloud-tasks-emulator (its own virtualenv:
 it pins an old protobuf), functions-framework serving the real entry points of functions/main.py, and
 the worker started with the exact CMD of container/Dockerfile. Each runs in its own process group,
-stopped as a group (the Firestore emulator's wrapper spawns a JVM that outlives a plain kill).
+stopped as a group (the Firestore emulator's wrapper spawns a JVM that outlives a plain kill), and a
+stop waits until no process of the group is left. A lifeline (dicomflow/lifeline.py) stops every group
+when the process that started the stack dies, even by SIGKILL (issue 12: no orphans).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from dicomflow.config import Settings, env_name
 from dicomflow.dev_issuer import DevIssuer
 from dicomflow.domain.failures import ConfigError
+from dicomflow.lifeline import Lifeline, stop_groups
 
 PROJECT = "dicomflow-dev"
 REGION = "us-central1"
@@ -45,6 +48,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# How long a stopping component may take to end after SIGTERM before its group is killed. The Firestore
+# emulator's JVM takes about 5 s; `dicomflow dev` must be gone within 10 s of Ctrl-C (issue 12).
+STOP_GRACE_SECONDS = 5.0
+
+
 @dataclass
 class Managed:
     """A child process in its own process group, with its output in a log file."""
@@ -52,24 +60,23 @@ class Managed:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    lifeline: Lifeline | None = None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=timeout)
+    def stop(self, timeout: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM the group, SIGKILL it after `timeout`; returns once no process of the group is left."""
+        stop_groups([self.process.pid], timeout, reap=[self.process])
+        self.process.wait(timeout=10)
+        if self.lifeline is not None:
+            self.lifeline.release(self.process.pid)
 
     def kill(self) -> None:
         """SIGKILL the whole group at once: a crash or an OOM kill, as far as the others can tell."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
+        stop_groups([self.process.pid], 0.0, reap=[self.process])
+        if self.lifeline is not None:
+            self.lifeline.release(self.process.pid)
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -79,7 +86,8 @@ class Managed:
 
 
 def start_process(name: str, args: list[str], log_dir: Path, *, env: Mapping[str, str] | None = None,
-                  cwd: Path | None = None) -> Managed:  # fmt: skip
+                  cwd: Path | None = None, lifeline: Lifeline | None = None) -> Managed:  # fmt: skip
+    """Start a component in a new process group (guarded by `lifeline` when given: it dies with us)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as log:
@@ -92,7 +100,9 @@ def start_process(name: str, args: list[str], log_dir: Path, *, env: Mapping[str
             cwd=cwd,
             start_new_session=True,
         )
-    return Managed(name, process, log_path)
+    if lifeline is not None:
+        lifeline.watch(process.pid)
+    return Managed(name, process, log_path, lifeline)
 
 
 def wait_http(url: str, managed: Managed, timeout: float, expect: str | None = None) -> None:
@@ -130,7 +140,7 @@ def firestore_emulator_available() -> bool:
     return shutil.which("gcloud") is not None and shutil.which("java") is not None
 
 
-def start_firestore(log_dir: Path, port: int | None = None) -> tuple[Managed, str]:
+def start_firestore(log_dir: Path, port: int | None = None, *, lifeline: Lifeline | None = None) -> tuple[Managed, str]:
     if not firestore_emulator_available():
         raise ConfigError(
             "the Firestore emulator needs gcloud and Java: install google-cloud-cli-firestore-emulator "
@@ -139,7 +149,10 @@ def start_firestore(log_dir: Path, port: int | None = None) -> tuple[Managed, st
     port = port or free_port()
     host = f"127.0.0.1:{port}"
     managed = start_process(
-        "firestore-emulator", ["gcloud", "emulators", "firestore", "start", f"--host-port={host}", "--quiet"], log_dir
+        "firestore-emulator",
+        ["gcloud", "emulators", "firestore", "start", f"--host-port={host}", "--quiet"],
+        log_dir,
+        lifeline=lifeline,
     )
     wait_http(f"http://{host}/", managed, timeout=120, expect="Ok")
     return managed, host
@@ -166,7 +179,14 @@ runpy.run_module("gcloud_tasks_emulator", run_name="__main__", alter_sys=True)
 
 
 def start_tasks_emulator(
-    python: str, log_dir: Path, project: str, queues: list[str], *, max_retries: int, port: int | None = None
+    python: str,
+    log_dir: Path,
+    project: str,
+    queues: list[str],
+    *,
+    max_retries: int,
+    port: int | None = None,
+    lifeline: Lifeline | None = None,
 ) -> tuple[Managed, str]:
     if not Path(python).is_absolute():
         python = str(REPO / python)  # the default .venv-tasks/bin/python is relative to the repository
@@ -178,7 +198,7 @@ def start_tasks_emulator(
     args = [python, "-c", _LOOPBACK_TASKS_EMULATOR, "start", f"--port={port}", f"--max-retries={max_retries}"]
     for queue in queues:
         args.append(f"--default-queue=projects/{project}/locations/{REGION}/queues/{queue}")
-    managed = start_process("tasks-emulator", args, log_dir)
+    managed = start_process("tasks-emulator", args, log_dir, lifeline=lifeline)
     wait_port(port, managed, timeout=60)
     return managed, f"127.0.0.1:{port}"
 
@@ -214,6 +234,7 @@ class DevStack:
     issuer: DevIssuer | None = None
     gateway: Gateway | None = None
     public_url: str = ""
+    lifeline: Lifeline | None = None
 
     @property
     def api_url(self) -> str:
@@ -226,8 +247,15 @@ class DevStack:
         return self.issuer.token(email, self.api_url.rstrip("/"), **claims)
 
     def stop(self) -> None:
-        for managed in reversed(list(self.processes.values())):
-            managed.stop()
+        """Stop every component at once (SIGTERM to every group, SIGKILL after the grace period), so the
+        whole stack is gone within STOP_GRACE_SECONDS + a few, whatever each component does."""
+        managed = list(self.processes.values())
+        stop_groups([m.process.pid for m in managed], STOP_GRACE_SECONDS, reap=[m.process for m in managed])
+        for m in managed:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                m.process.wait(timeout=2)
+            if m.lifeline is not None:
+                m.lifeline.release(m.process.pid)
         if self.gateway is not None:
             self.gateway.stop()
         if self.issuer is not None:
@@ -237,12 +265,12 @@ class DevStack:
         """Start a stopped or killed component again on its port (Cloud Run replacing an instance)."""
         old = self.processes[name]
         old.stop()
-        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir)
+        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir, self.lifeline)
 
     def add_worker(self, name: str) -> str:
         """One more worker instance on its own port (Cloud Run scaling out); returns its URL."""
         self.urls[name] = f"http://127.0.0.1:{free_port()}/"
-        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir)
+        self.processes[name] = _start_app(name, self.settings_env, self.urls, self.log_dir, self.lifeline)
         return self.urls[name]
 
 
@@ -324,7 +352,9 @@ class Gateway:
         self.server.server_close()
 
 
-def _start_app(name: str, env: Mapping[str, str], urls: Mapping[str, str], log_dir: Path) -> Managed:
+def _start_app(
+    name: str, env: Mapping[str, str], urls: Mapping[str, str], log_dir: Path, lifeline: Lifeline | None = None
+) -> Managed:
     port = int(urls[name].rsplit(":", 1)[1].split("/")[0])
     child_env = {**os.environ, **env, "PORT": str(port)}
     if name.startswith("worker"):
@@ -333,11 +363,11 @@ def _start_app(name: str, env: Mapping[str, str], urls: Mapping[str, str], log_d
         child_env["GUNICORN_CMD_ARGS"] = f"{env.get('GUNICORN_CMD_ARGS', '')} --bind=127.0.0.1:{port}".strip()
         command = dockerfile_cmd()
         command[0] = _venv_bin(command[0])
-        managed = start_process(name, command, log_dir, env=child_env, cwd=REPO / "container")
+        managed = start_process(name, command, log_dir, env=child_env, cwd=REPO / "container", lifeline=lifeline)
     else:
         args = [_venv_bin("functions-framework"), f"--target={name}", f"--source={REPO / 'functions' / 'main.py'}",
                 f"--port={port}", "--host=127.0.0.1"]  # fmt: skip
-        managed = start_process(f"function-{name}", args, log_dir, env=child_env)
+        managed = start_process(f"function-{name}", args, log_dir, env=child_env, lifeline=lifeline)
     wait_port(port, managed, timeout=60)
     return managed
 
@@ -366,7 +396,8 @@ def dev_stack(
     `settings`, DEV_USER is an administrator granted those roots. `task_upstreams` sends a queue's
     deliveries elsewhere (an interceptor in tests); `api_prefix` and `block_worker` plant the mistakes
     `dicomflow smoke` must report."""
-    stack = DevStack(settings_env={}, urls={}, log_dir=log_dir)
+    lifeline = Lifeline(STOP_GRACE_SECONDS)
+    stack = DevStack(settings_env={}, urls={}, log_dir=log_dir, lifeline=lifeline)
     try:
         stack.issuer = DevIssuer()
         certs_url = stack.issuer.start()
@@ -375,11 +406,16 @@ def dev_stack(
         if firestore_host:
             stack.firestore_host = firestore_host
         else:
-            managed, stack.firestore_host = start_firestore(log_dir)
+            managed, stack.firestore_host = start_firestore(log_dir, lifeline=stack.lifeline)
             stack.processes["firestore"] = managed
         retries = settings.retry_max_attempts - 1 if tasks_max_retries is None else tasks_max_retries
         managed, stack.tasks_host = start_tasks_emulator(
-            settings.tasks_emulator_python, log_dir, project, queue_ids(settings), max_retries=retries
+            settings.tasks_emulator_python,
+            log_dir,
+            project,
+            queue_ids(settings),
+            max_retries=retries,
+            lifeline=stack.lifeline,
         )
         stack.processes["tasks"] = managed
         stack.urls = {name: f"http://127.0.0.1:{free_port()}/" for name in (*FUNCTIONS, "worker")}
@@ -392,49 +428,13 @@ def dev_stack(
             gateway.api_upstream, gateway.api_prefix = stack.urls["batches_api"], "/" + api_prefix.strip("/")
             stack.public_url = gateway.base
         roots = [str(Path(r).resolve()) for r in local_roots] or list(_items(settings.local_roots)) or [str(Path.cwd())]
-        env = {
-            env_name("mode"): "cloud",
-            env_name("project"): project,
-            env_name("region"): REGION,
-            env_name("tasks_emulator_host"): stack.tasks_host,
-            env_name("allow_local_paths"): "true",
-            env_name("local_roots"): ",".join(roots),
-            env_name("log_format"): "json",
-            env_name("worker_url"): gateway.task_url("convert"),
-            env_name("expand_url"): gateway.task_url("expand"),
-            env_name("dead_letter_url"): gateway.task_url("dead-letter"),
-            env_name("changes_url"): gateway.task_url("changes"),
-            env_name("public_url"): stack.public_url,
-            env_name("webhook_url"): stack.urls["drive_webhook"],
-            env_name("auth_certs_url"): certs_url,
-            env_name("auth_issuers"): stack.issuer.issuer,
-            env_name("tasks_service_account"): tasks_email,
-            env_name("admins"): settings.admins or DEV_USER,
-            env_name("access_grants"): settings.access_grants or json.dumps({DEV_USER: roots}),
-            "FIRESTORE_EMULATOR_HOST": stack.firestore_host,
-            "GOOGLE_CLOUD_PROJECT": project,
-        }
-        for f in (
-            "retry_max_attempts", "retry_min_backoff_seconds", "retry_max_backoff_seconds", "retry_max_doublings",
-            "dispatch_deadline_seconds", "expand_dispatch_deadline_seconds", "dead_letter_dispatch_deadline_seconds",
-            "changes_dispatch_deadline_seconds", "convert_timeout_seconds", "lease_seconds", "answer_margin_seconds",
-            "settle_seconds", "retention_days", "webhook_token", "drive_endpoint", "work_dir", "webhook_window_seconds",
-            "drive_identity", "drive_max_retry_sleep_seconds", "access_groups", "max_unfinished_batches",
-            "max_batch_files", "max_batch_bytes",
-        ):  # fmt: skip
-            value = getattr(settings, f)
-            if value not in ("", None):
-                env[env_name(f)] = str(value)
-        # The worker's request timeout is the convert dispatch deadline plus a margin, as Terraform sets it on
-        # Cloud Run (the image's CMD leaves it to GUNICORN_CMD_ARGS; gunicorn's own default is 30 s).
-        env["GUNICORN_CMD_ARGS"] = f"--timeout={settings.dispatch_deadline_seconds + 30}"
-        # One pseudonym key for every component of this stack (scan tasks of one batch must agree on folder
-        # names); a real deployment keeps it in Secret Manager.
-        env[env_name("pseudonym_key")] = settings.pseudonym_key or secrets.token_hex(32)
-        env.update(extra_env or {})
+        env = _stack_env(
+            settings, stack, project=project, roots=roots, gateway=gateway, issuer=stack.issuer,
+            tasks_email=tasks_email, certs_url=certs_url,
+        ) | dict(extra_env or {})  # fmt: skip
         stack.settings_env = env
         for name in (*FUNCTIONS, "worker"):
-            stack.processes[name] = _start_app(name, env, stack.urls, log_dir)
+            stack.processes[name] = _start_app(name, env, stack.urls, log_dir, stack.lifeline)
         stop = threading.Event()
         loop = None
         if reconcile_loop:
@@ -447,9 +447,65 @@ def dev_stack(
         finally:
             stop.set()
             if loop is not None:
-                loop.join(timeout=5)
+                # A reconcile request in flight ends on its own once the functions stop; do not wait for it.
+                loop.join(timeout=0.5)
     finally:
         stack.stop()
+        lifeline.close()
+
+
+def _stack_env(
+    settings: Settings,
+    stack: DevStack,
+    *,
+    project: str,
+    roots: Sequence[str],
+    gateway: Gateway,
+    issuer: DevIssuer,
+    tasks_email: str,
+    certs_url: str,
+) -> dict[str, str]:
+    """The environment every function and the worker of the stack get (Terraform's shared_env, for loopback)."""
+    env = {
+        env_name("mode"): "cloud",
+        env_name("project"): project,
+        env_name("region"): REGION,
+        env_name("tasks_emulator_host"): stack.tasks_host,
+        env_name("allow_local_paths"): "true",
+        env_name("local_roots"): ",".join(roots),
+        env_name("log_format"): "json",
+        env_name("worker_url"): gateway.task_url("convert"),
+        env_name("expand_url"): gateway.task_url("expand"),
+        env_name("dead_letter_url"): gateway.task_url("dead-letter"),
+        env_name("changes_url"): gateway.task_url("changes"),
+        env_name("public_url"): stack.public_url,
+        env_name("webhook_url"): stack.urls["drive_webhook"],
+        env_name("auth_certs_url"): certs_url,
+        env_name("auth_issuers"): issuer.issuer,
+        env_name("tasks_service_account"): tasks_email,
+        env_name("admins"): settings.admins or DEV_USER,
+        env_name("access_grants"): settings.access_grants or json.dumps({DEV_USER: roots}),
+        "FIRESTORE_EMULATOR_HOST": stack.firestore_host,
+        "GOOGLE_CLOUD_PROJECT": project,
+    }
+    for f in (
+        "retry_max_attempts", "retry_min_backoff_seconds", "retry_max_backoff_seconds", "retry_max_doublings",
+        "dispatch_deadline_seconds", "expand_dispatch_deadline_seconds", "dead_letter_dispatch_deadline_seconds",
+        "changes_dispatch_deadline_seconds", "convert_timeout_seconds", "lease_seconds", "answer_margin_seconds",
+        "settle_seconds", "retention_days", "webhook_token", "drive_endpoint", "work_dir", "webhook_window_seconds",
+        "drive_identity", "drive_max_retry_sleep_seconds", "access_groups", "max_unfinished_batches",
+        "max_batch_files", "max_batch_bytes",
+    ):  # fmt: skip
+        value = getattr(settings, f)
+        if value not in ("", None):
+            env[env_name(f)] = str(value)
+    # The worker's request timeout is the convert dispatch deadline plus a margin, as Terraform sets it on
+    # Cloud Run (the image's CMD leaves it to GUNICORN_CMD_ARGS; gunicorn's own default is 30 s).
+    env["GUNICORN_CMD_ARGS"] = f"--timeout={settings.dispatch_deadline_seconds + 30}"
+    # One pseudonym key for every component of this stack (scan tasks of one batch must agree on folder
+    # names); a real deployment keeps it in Secret Manager.
+    env[env_name("pseudonym_key")] = settings.pseudonym_key or secrets.token_hex(32)
+    return env
 
 
 def _items(text: str) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ class Event(StrEnum):
     SERIES_HANDED_TO_DLQ = "series_handed_to_dead_letter"
     SERIES_DEAD_LETTERED = "series_dead_lettered"
     SERIES_REDRIVEN = "series_redriven"
+    OUTPUTS_REPLACED = "outputs_replaced"
     DUPLICATE_DELIVERY = "duplicate_delivery"
     RECONCILE_REQUEUED = "reconcile_requeued"
     RECONCILE_DEAD_LETTERED = "reconcile_dead_lettered"

@@ -447,6 +447,7 @@ def item_json(item: Item) -> dict[str, Any]:
         "timings": item.timings.to_dict(),
         "outputs": [asdict(o) for o in item.outputs],
         "warnings": list(item.warnings),
+        "incomplete": item.incomplete,
         "failure": item.failure.to_dict() if item.failure else None,
         "skip_reason": item.skip_reason,
     }

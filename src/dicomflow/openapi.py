@@ -87,6 +87,10 @@ def document() -> dict[str, Any]:
             "timings": {"type": "object"},
             "outputs": {"type": "array", "items": {"type": "object"}},
             "warnings": {"type": "array", "items": {"type": "string"}},
+            "incomplete": {
+                "type": "boolean",
+                "description": "dcm2niix says slices or files of this series are missing from its outputs",
+            },
             "failure": {"$ref": "#/components/schemas/Failure"},
             "skip_reason": {"type": "string"},
         },

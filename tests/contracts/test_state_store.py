@@ -279,6 +279,29 @@ def test_succeeded_file_counts_and_recorded_outputs_per_series_and_destination(s
     assert store.recorded_outputs(here.destination.key, small.item_id) == set()
 
 
+def test_a_changed_fingerprint_is_what_succeeded_fingerprints_sees(store: StateStore) -> None:
+    # A redrive reads the series again (new files, new fingerprint); a superseded success is marked so it
+    # no longer counts as converted. Each store must answer from the fingerprint as it is now.
+    batch, _ = store.create_batch(_batch("b1"))
+    first, second = _items(batch, 2)
+    store.add_items([first, second])
+    store.update_item("b1", first.item_id, lambda i: model.succeed(i, 5.0, (model.OutputFile("a.nii", 1, "h"),),
+                                                                 model.Timings(), ()))  # fmt: skip
+    assert store.succeeded_fingerprints(batch.destination.key, ["fp0"]) == {"fp0"}
+    _, changed = store.update_item("b1", first.item_id, lambda i: model.supersede(i, 6.0, "b9", finished_before=9.0))
+    assert changed
+    assert store.succeeded_fingerprints(batch.destination.key, ["fp0"]) == set()
+    assert store.recorded_outputs(batch.destination.key, first.item_id) == set()
+
+    failure = Failure("conversion_failed", "corrupt", permanent=True)
+    store.update_item("b1", second.item_id, lambda i: model.claim(i, 1.0, 60, "w"))
+    store.update_item("b1", second.item_id, lambda i: model.hand_off(i, 2.0, failure, "w", 0, grace_seconds=1))
+    store.update_item("b1", second.item_id, lambda i: model.dead_letter(i, 3.0, failure))
+    store.update_item("b1", second.item_id, lambda i: model.redrive(i, 4.0, fingerprint="fp-reread"))
+    store.update_item("b1", second.item_id, lambda i: model.succeed(i, 8.0, (), model.Timings(), ()))
+    assert store.succeeded_fingerprints(batch.destination.key, ["fp1", "fp-reread"]) == {"fp-reread"}
+
+
 def test_batches_update_atomically_and_list_newest_first(store: StateStore) -> None:
     store.create_batch(_batch("old", created_at=10.0))
     store.create_batch(_batch("new", created_at=20.0))

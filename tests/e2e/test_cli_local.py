@@ -10,37 +10,15 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dicomflow import samples
+from tests.support.cli import DICOMFLOW, json_result, outputs, run_cli
 
 pytestmark = pytest.mark.e2e
-
-DICOMFLOW = str(Path(sys.executable).parent / "dicomflow")
-
-
-def run_cli(
-    *args: str, home: Path, timeout: float = 240, check_codes: tuple[int, ...] = (0, 1, 2)
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HOME": str(home), "DICOMFLOW_RETRY_MIN_BACKOFF_SECONDS": "0.1",
-           "DICOMFLOW_RETRY_MAX_BACKOFF_SECONDS": "0.5"}  # fmt: skip
-    result = subprocess.run([DICOMFLOW, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
-    assert result.returncode in check_codes, result.stderr
-    return result
-
-
-def json_result(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
-
-
-def outputs(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and ".dicomflow" not in p.parts)
 
 
 def test_convert_demo_archive_then_rerun_is_incremental(tmp_path: Path) -> None:
@@ -74,7 +52,7 @@ def test_convert_demo_archive_then_rerun_is_incremental(tmp_path: Path) -> None:
 
     status = run_cli("status", data["batch_id"], "--json", home=tmp_path)
     assert json_result(status)["counters"] == data["counters"]
-    listing = run_cli("dlq", "list", home=tmp_path)
+    listing = run_cli("dlq", "list", str(out), home=tmp_path)
     assert "dcm2niix" in listing.stdout
 
 

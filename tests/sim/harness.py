@@ -330,6 +330,7 @@ class Run:
             if answer["status"] not in {s.value for s in BATCH_FINAL}:
                 continue
             if answer["status"] == "completed_with_failures" and self.scenario.redrive[n] and not redriven:
+                self.source.reexport(self.batch_sources[n])  # the user fixes the source, then asks for a retry
                 status, _ = self.api("POST", f"/batches/{batch_id}:retry-dead-letters")
                 redriven = status == 202
                 continue
@@ -406,12 +407,18 @@ class Run:
             batch = self.inner.get_batch(batch_id)
             if not batch.is_final or batch.counters.finished != batch.counters.series_total:
                 return False
-        if self.inner.find_unretracted(limit=1):
-            return False  # an unrecorded publish not yet removed: the reconciler's next run retracts it
-        return self.model.pending() == 0 and self.model.in_flight() == 0 and not self._zombies()
+        # Quiet means no handler or reconciler mid-way either, and no retraction left for the reconciler: a
+        # series it ends (a cancelled batch's) has its unrecorded outputs removed after the transition.
+        return (
+            self.model.pending() == 0
+            and self.model.in_flight() == 0
+            and not self._zombies()
+            and not self.inner.find_unretracted()
+        )
 
     def _zombies(self) -> bool:
-        return any(not p.done for p in self._procs() if p.name.startswith(("handler:", "duplicate:", "api:")))
+        busy = ("handler:", "duplicate:", "api:", "cron:reconcile")
+        return any(not p.done for p in self._procs() if p.name.startswith(busy))
 
     def _procs(self) -> list[Any]:
         procs = [p for _, _, p, _ in self.sim._timers] + list(self.sim._ready)

@@ -63,7 +63,9 @@ def test_d2_every_status_read_adds_up_while_series_change_state() -> None:
     # The client reads the status every 5 s while eight series convert at once under faults; the harness
     # fails the run on any read whose counters do not add up. (On Firestore, where six separate count
     # queries were the defect, tests/contracts/test_state_store.py checks the same under concurrent writes.)
-    run = run_scenario(_scenario(series=(8,), convert_concurrency=8, fault_rate=0.03, seed=3, poll_seconds=5.0))
+    # The seed picks a fault schedule under which the conversions last long enough for many reads (every port
+    # call draws from it, so a change to the calls a success makes can change the schedule: choose again).
+    run = run_scenario(_scenario(series=(8,), convert_concurrency=8, fault_rate=0.03, seed=6, poll_seconds=5.0))
     assert len(run.status_reads) >= 20
     assert len({tuple(sorted(c.items())) for _, c in run.status_reads}) >= 3  # reads saw the counts move
     assert _batch(run).status is BatchStatus.COMPLETED

@@ -75,6 +75,12 @@ class SimSource:
         self._sim = sim
         self._archives = archives  # by location ref
         self.fetches: list[tuple[float, tuple[str, ...]]] = []
+        self._reexported: set[str] = set()  # archives whose `fixable` series the user has re-exported
+
+    def reexport(self, location_ref: str) -> None:
+        """The user re-exports the broken series of an archive (before asking for a redrive): from now on
+        its `fixable` files are listed with their new sizes, which a redrive reads again."""
+        self._reexported.add(location_ref)
 
     def _archive(self, location: Location) -> Archive:
         return self._archives[location.ref]
@@ -84,8 +90,12 @@ class SimSource:
 
     def list_files(self, location: Location) -> Iterator[FileRef | SkippedFile]:
         archive = self._archive(location)
+        fixed = location.ref in self._reexported
         for spec in archive.series:
-            yield from spec.refs()
+            if fixed and spec.kind == "fixable":
+                yield from (FileRef(r.ref, r.path, r.size + REEXPORTED, r.md5) for r in spec.refs())
+            else:
+                yield from spec.refs()
         for path in archive.junk:
             yield FileRef(f"junk/{path}", path, 12)
         self._sim.sleep(0.05 * len(archive.series) + archive.list_seconds)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dicomflow import devstack
 from dicomflow.adapters.firestore_store import FirestoreStateStore
+from dicomflow.lifeline import Lifeline
 from tests.conftest import require
 from tests.support.stores import Clock
 
@@ -25,8 +26,10 @@ def firestore_host() -> str:
     if "host" not in _FIRESTORE:
         require(devstack.firestore_emulator_available(), "the Firestore emulator (gcloud + Java) is not installed")
         log_dir = Path(tempfile.mkdtemp(prefix="dicomflow-emulators-"))
-        managed, host = devstack.start_firestore(log_dir)
-        _FIRESTORE.update(host=host, managed=managed)
+        # The emulator (and its JVM) dies with this test session, even one killed with SIGKILL.
+        lifeline = Lifeline()
+        managed, host = devstack.start_firestore(log_dir, lifeline=lifeline)
+        _FIRESTORE.update(host=host, managed=managed, lifeline=lifeline)
         os.environ["FIRESTORE_EMULATOR_HOST"] = host
     return str(_FIRESTORE["host"])
 
@@ -35,6 +38,9 @@ def stop_all() -> None:
     managed = _FIRESTORE.pop("managed", None)
     if isinstance(managed, devstack.Managed):
         managed.stop()
+    lifeline = _FIRESTORE.pop("lifeline", None)
+    if isinstance(lifeline, Lifeline):
+        lifeline.close()
     _FIRESTORE.clear()
 
 

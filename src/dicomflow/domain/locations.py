@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -55,3 +56,36 @@ def parse_location(text: str, *, field: str, absolute_path: str | None = None) -
     if "://" in value:
         raise InvalidInput(f"unsupported location {value!r}: use drive://FOLDER_ID or a local path", field=field)
     return Location(LocationKind.LOCAL, absolute_path or value)
+
+
+def _inside(inner: str, outer: str) -> bool:
+    inner, outer = posixpath.normpath(inner), posixpath.normpath(outer)
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_apart(sources: tuple[Location, ...] | list[Location], destination: Location) -> None:
+    """Refuse a local destination that is a source, lies inside one or contains one: the next run would
+    read its own outputs as input (or convert into the archive it reads). Paths are compared as given, so
+    callers pass them absolute and resolved (symbolic links followed)."""
+    if destination.kind is not LocationKind.LOCAL:
+        return
+    for source in sources:
+        if source.kind is not LocationKind.LOCAL:
+            continue
+        if _inside(destination.ref, source.ref):
+            where = (
+                "is the source"
+                if posixpath.normpath(destination.ref) == posixpath.normpath(source.ref)
+                else (f"is inside the source {source.ref}")
+            )
+            raise InvalidInput(
+                f"the destination {destination.ref} {where}: the next run would read its own outputs. "
+                "Choose a destination folder outside the source.",
+                field="destination",
+            )
+        if _inside(source.ref, destination.ref):
+            raise InvalidInput(
+                f"the source {source.ref} is inside the destination {destination.ref}: outputs would be written "
+                "into the archive being read. Choose a destination folder that does not contain the source.",
+                field="destination",
+            )

@@ -17,7 +17,7 @@ outputs that no record accounts for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -239,6 +239,12 @@ def convert_task_id(batch_id: str, item_id: str, generation: int, seq: int) -> s
     return f"convert-{batch_id}-{item_id}-g{generation}-t{seq}"
 
 
+def positioned(files: Sequence[FileRef]) -> tuple[FileRef, ...]:
+    """Files as an item keeps them: by reference (a local path, a Drive id) and position in the series,
+    never by their source path (folder names may name the patient, docs/privacy.md)."""
+    return tuple(replace(f, path=str(n)) for n, f in enumerate(files, 1))
+
+
 def new_item(batch: Batch, group: SeriesGroup, fingerprint: str, now: float, *, skip_reason: str = "") -> Item:
     state = ItemState.SKIPPED if skip_reason else ItemState.PENDING
     return Item(
@@ -254,7 +260,7 @@ def new_item(batch: Batch, group: SeriesGroup, fingerprint: str, now: float, *, 
         description=group.description,
         # Files are kept by reference (a local path, a Drive id) and position in the series, never by their
         # source name: a Siemens export puts the patient's name into every file name (docs/privacy.md).
-        files=tuple(replace(f, path=str(n)) for n, f in enumerate(group.files, 1)),
+        files=positioned(group.files),
         state=state,
         created_at=now,
         updated_at=now,
@@ -436,10 +442,15 @@ def _dead(item: Item, now: float, failure: Failure) -> Item:
 
 
 def redrive(
-    item: Item, now: float, files: tuple[FileRef, ...] | None = None, generation: int | None = None
+    item: Item,
+    now: float,
+    files: tuple[FileRef, ...] | None = None,
+    generation: int | None = None,
+    fingerprint: str | None = None,
 ) -> Item | None:
     """dead_lettered → pending with a fresh attempt budget, a new task generation and, when given, the
-    series' files as they are now (the user may have re-exported some)."""
+    series' files as they are now (the user may have re-exported, added or removed some) and the
+    fingerprint of those files."""
     if item.state is not ItemState.DEAD_LETTERED:
         return None
     if generation is not None and generation != item.generation:
@@ -448,6 +459,7 @@ def redrive(
     return replace(
         item,
         state=ItemState.PENDING,
+        fingerprint=item.fingerprint if fingerprint is None else fingerprint,
         files=files,
         file_count=len(files),
         bytes_total=sum(f.size for f in files),
@@ -458,6 +470,36 @@ def redrive(
         finished_at=None,
         updated_at=now,
     )
+
+
+SUPERSEDED = "superseded:"
+
+
+def supersede(item: Item, now: float, by_batch: str, finished_before: float) -> Item | None:
+    """A success of this series finished earlier than another batch's success into the same destination,
+    whose outputs replaced this one's (issue 13: outputs are replaced as a set). It keeps its state and
+    counts, but records no outputs (they were removed) and its fingerprint is marked so it no longer makes
+    the destination "already converted" with its options: converting with them again redoes the series."""
+    if item.state is not ItemState.SUCCEEDED or item.batch_id == by_batch or not item.outputs:
+        return None
+    if item.finished_at is None or item.finished_at >= finished_before:
+        return None
+    note = f"its outputs were replaced by the conversion of batch {by_batch}"
+    return replace(
+        item,
+        outputs=(),
+        fingerprint=item.fingerprint if item.fingerprint.startswith(SUPERSEDED) else SUPERSEDED + item.fingerprint,
+        warnings=(*item.warnings, note),
+        updated_at=now,
+    )
+
+
+def not_redriven(item: Item, now: float, failure: Failure, generation: int) -> Item | None:
+    """A redrive found nothing it could convert again (the series' files are gone from the source, or the
+    source cannot be read): the series stays dead-lettered, with the reason it was not retried."""
+    if item.state is not ItemState.DEAD_LETTERED or item.generation != generation:
+        return None
+    return replace(item, failure=failure, finished_at=now, updated_at=now)
 
 
 def cancel_item(item: Item, now: float, reason: str = CANCELLED) -> Item | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
+from dicomflow.config import Mode
 from dicomflow.domain import model
 from dicomflow.domain.conversion import ConversionVerdict, assess
 from dicomflow.domain.failures import AttemptOutOfTime, DicomflowError, Failure, InvalidInput, SeriesTooLarge
@@ -36,7 +37,8 @@ from dicomflow.domain.retry import Verdict, decide
 from dicomflow.events import Event
 from dicomflow.ports import Attempt, HeartbeatHandle, QueueName, Task
 from dicomflow.services.context import Context, event
-from dicomflow.services.outputs import finalize
+from dicomflow.services.explain import name_what_failed
+from dicomflow.services.outputs import finalize, replace_earlier_outputs
 from dicomflow.services.progress import maybe_complete
 
 # A series needs its DICOM files and dcm2niix's output on disk at once; on Cloud Run the disk is RAM
@@ -268,7 +270,10 @@ def _convert_claimed(
         try:
             classified = assess(run, files=item.file_count)
         except DicomflowError as exc:
-            exc.detail = _scrubbed(exc.detail, identifiers)  # dcm2niix quotes protocol names in some lines
+            # Name the file dcm2niix complained about (issue 13), then scrub: dcm2niix quotes protocol names.
+            name_what_failed(exc, run.console, input_dir, item.files, names=ctx.settings.mode is Mode.LOCAL)
+            exc.reason, exc.detail = _scrubbed(exc.reason, identifiers), _scrubbed(exc.detail, identifiers)
+            exc.args = (exc.reason,)
             raise
         warnings = tuple(_scrubbed(w, identifiers) for w in classified.warnings)
         if classified.verdict is ConversionVerdict.NOTHING_TO_CONVERT:
@@ -325,6 +330,8 @@ def _finish(
         outcome, name = Outcome.SUCCEEDED, Event.SERIES_SUCCEEDED
     if not changed:
         return ConvertResult(Outcome.DUPLICATE, stored)
+    if outcome is Outcome.SUCCEEDED:
+        replace_earlier_outputs(ctx, stored)  # a series' outputs are replaced as a set (issue 13)
     ctx.progress(item.batch_id, item.item_id, outcome.value, 1, 1)
     event(
         name,

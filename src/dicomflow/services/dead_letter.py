@@ -7,13 +7,14 @@ import logging
 from dataclasses import dataclass
 
 from dicomflow.domain import model
-from dicomflow.domain.failures import Conflict, Failure, InvalidInput
+from dicomflow.domain.failures import Conflict, DicomflowError, Failure, InvalidInput
 from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.domain.series import FileRef
 from dicomflow.events import Event
 from dicomflow.services.context import Context, event
 from dicomflow.services.outputs import finalize
 from dicomflow.services.progress import maybe_complete, settle_batch
+from dicomflow.services.reread import reread_series
 from dicomflow.services.task_names import convert_task_for, redrive_task
 
 
@@ -100,21 +101,40 @@ def redrive(ctx: Context, batch_id: str) -> int:
     """The redrive task: each dead-lettered series gets its convert task of the next generation *first*,
     then moves to pending in that generation (a task delivered before the move is answered "retry"; a
     crash between the two leaves the series dead-lettered, found again when the task is retried).
-    Files are read again from the source: the user may have fixed or re-exported them."""
+    Before that, each series is read again from the source (services/reread.py): the user may have
+    re-exported, added or removed files. A series of which nothing is left to convert stays
+    dead-lettered, with the reason; a source that can no longer be read at all likewise."""
     batch = ctx.store.get_batch(batch_id, counted=False)
     if batch.status in (BatchStatus.CANCELLED, BatchStatus.FAILED, BatchStatus.EXPANDING):
         return 0
-    source = ctx.source_for(batch.sources[0])
+    dead: list[model.Item] = []
+    while page := ctx.store.list_items(batch_id, _DEAD, after=dead[-1].item_id if dead else "", limit=PAGE):
+        dead.extend(page)
+    try:
+        now_in_source = reread_series(ctx, batch, dead)  # one listing of the source for all of them
+    except DicomflowError as exc:
+        if not exc.permanent:
+            raise  # the task is retried
+        unreadable = Failure(exc.code, f"not retried: the source could not be read again ({exc.reason})", True)
+        for item in dead:
+            _keep_dead(ctx, item, unreadable)
+        settle_batch(ctx, batch_id)
+        return 0
     redriven = 0
-    after = ""
-    while page := ctx.store.list_items(batch_id, frozenset({ItemState.DEAD_LETTERED}), after=after, limit=200):
-        ctx.queue.enqueue([convert_task_for(i, i.generation + 1) for i in page])
+    for start in range(0, len(dead), PAGE):
+        page = dead[start : start + PAGE]
+        ready = [i for i in page if i.item_id in now_in_source]
+        ctx.queue.enqueue([convert_task_for(i, i.generation + 1) for i in ready])
         for item in page:
-            files = tuple(source.refresh(item.files))
-            change = functools.partial(_redrive, now=ctx.clock(), files=files, generation=item.generation)
+            series = now_in_source.get(item.item_id)
+            if series is None:
+                _keep_dead(ctx, item, _GONE)
+                continue
+            change = functools.partial(
+                _redrive, now=ctx.clock(), files=series.files, generation=item.generation, fp=series.fingerprint
+            )
             _, changed = ctx.update_item(batch_id, item.item_id, change)
             redriven += int(changed)
-        after = page[-1].item_id
     if redriven:
         event(Event.SERIES_REDRIVEN, f"{redriven} dead-lettered series re-enqueued", batch_id=batch_id,
               count=redriven)  # fmt: skip
@@ -122,5 +142,22 @@ def redrive(ctx: Context, batch_id: str) -> int:
     return redriven
 
 
-def _redrive(item: model.Item, *, now: float, files: tuple[FileRef, ...], generation: int) -> model.Item | None:
-    return model.redrive(item, now, files, generation)
+_DEAD = frozenset({ItemState.DEAD_LETTERED})
+PAGE = 200
+_GONE = Failure(
+    "series_gone",
+    "not retried: none of this series' files are in its source folder any more (removed or moved); "
+    "put them back, or convert the folder that holds them now",
+    permanent=True,
+)
+
+
+def _keep_dead(ctx: Context, item: model.Item, failure: Failure) -> None:
+    change = functools.partial(model.not_redriven, now=ctx.clock(), failure=failure, generation=item.generation)
+    ctx.update_item(item.batch_id, item.item_id, change)
+
+
+def _redrive(
+    item: model.Item, *, now: float, files: tuple[FileRef, ...], generation: int, fp: str
+) -> model.Item | None:
+    return model.redrive(item, now, files, generation, fingerprint=fp)

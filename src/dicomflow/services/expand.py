@@ -121,7 +121,7 @@ def fail_expansion(ctx: Context, batch: Batch, exc: DicomflowError) -> None:
     ctx.store.delete_chunks(failed.batch_id)
 
 
-def _source_prefixes(ctx: Context, batch: Batch) -> list[str]:
+def source_prefixes(ctx: Context, batch: Batch) -> list[str]:
     """With several sources, outputs go under a folder named after each source (made unique)."""
     if len(batch.sources) == 1:
         return [""]
@@ -163,7 +163,7 @@ def _list(ctx: Context, batch: Batch) -> None:
         files: list[FileRef] = []
         skipped: list[SkippedFile] = []
         guard = listing_guard(ctx, batch)  # the owner's file and byte limits, counted per listed file
-        for source, prefix in zip(batch.sources, _source_prefixes(ctx, batch), strict=True):
+        for source, prefix in zip(batch.sources, source_prefixes(ctx, batch), strict=True):
             for entry in guard.each(ctx.source_for(source).list_files(source)):
                 if isinstance(entry, SkippedFile):
                     skipped.append(SkippedFile(join(prefix, entry.path), entry.ignored))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dicomflow.domain.failures import InvalidInput
-from dicomflow.domain.locations import Location
+from dicomflow.domain.locations import Location, LocationKind, check_apart
 from dicomflow.domain.model import Batch, BatchStatus
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.events import Event
@@ -63,6 +63,12 @@ def validate_request(ctx: Context, request: BatchRequest) -> None:
         raise InvalidInput(f"label must be at most {MAX_LABEL} characters", field="label")
     if request.destination in request.sources:
         raise InvalidInput("the destination must differ from the source", field="destination")
+    # Neither inside the other, links followed (the next run would read its own outputs as input).
+    check_apart([_resolved(ctx, s) for s in request.sources], _resolved(ctx, request.destination))
+
+
+def _resolved(ctx: Context, location: Location) -> Location:
+    return replace(location, ref=ctx.resolve_path(location.ref)) if location.kind is LocationKind.LOCAL else location
 
 
 def submit(

@@ -18,6 +18,7 @@ from dicomflow.domain.failures import (
     DestinationConflict,
     DestinationNotWritable,
     DiskFull,
+    PermanentError,
     SeriesChanged,
     SourceNotFound,
 )
@@ -30,6 +31,25 @@ from dicomflow.ports import Progress, SkippedFile
 STATE_DIR = ".dicomflow"
 LEDGER = "outputs.ledger"
 _CHUNK = 1024 * 1024
+# dcm2niix (the pinned 1.0.20260724) refuses an input or output folder whose path is 512 bytes or longer:
+# it exits 5 ("input folder invalid") or 6 without a message, whatever the length of the file names in it
+# (measured: folders of 511 bytes convert, 512 fail; files of 762-byte paths in a 511-byte folder convert).
+DCM2NIIX_MAX_FOLDER_BYTES = 511
+# What a conversion adds to the work folder: "/series-<12>-<8 random>/out-inflated" (services/convert_series.py
+# and adapters/dcm2niix.py), with a margin.
+SCRATCH_NAME_BYTES = 48
+# The longest path the operating system accepts (Linux PATH_MAX, terminating NUL included).
+OS_MAX_PATH_BYTES = 4095
+
+
+class PathTooLong(PermanentError):
+    """A path exceeds what dcm2niix or the file system accepts; retrying cannot help."""
+
+    code = "path_too_long"
+
+
+def _path_bytes(path: str | Path) -> int:
+    return len(os.fsencode(str(path)))
 
 
 def sha256_file(path: Path) -> str:
@@ -83,6 +103,9 @@ class LocalFolderSource:
                     elif entry.is_file(follow_symlinks=True):
                         size = entry.stat(follow_symlinks=True).st_size
                         yield FileRef(ref=entry.path, path=child_rel, size=size)
+                    elif entry.is_symlink() and not entry.is_dir(follow_symlinks=True):
+                        # Reported, not silently dropped: an archive of links whose targets moved.
+                        yield SkippedFile(child_rel, Ignored(IgnoredKind.UNREADABLE, "broken symbolic link"))
                 except OSError as exc:
                     yield SkippedFile(
                         child_rel, Ignored(IgnoredKind.UNREADABLE, errno.errorcode.get(exc.errno or 0, ""))
@@ -107,10 +130,16 @@ class LocalFolderSource:
         files are linked into `dest_dir` — symlinks, no copy — so dcm2niix sees only this series."""
         self._check_unchanged(refs)
         folder = self._sole_folder(refs)
-        if folder is not None:
+        # dcm2niix cannot read a folder of a path that long: give it links in the (shorter) work folder.
+        if folder is not None and _path_bytes(folder) <= DCM2NIIX_MAX_FOLDER_BYTES:
             if progress:
                 progress(sum(r.size for r in refs), sum(r.size for r in refs))
             return folder
+        if _path_bytes(dest_dir) > DCM2NIIX_MAX_FOLDER_BYTES:
+            raise PathTooLong(
+                f"the work folder {dest_dir} is {_path_bytes(dest_dir)} bytes long, more than dcm2niix accepts "
+                f"({DCM2NIIX_MAX_FOLDER_BYTES}): set DICOMFLOW_WORK_DIR to a folder with a shorter path"
+            )
         dest_dir.mkdir(parents=True, exist_ok=True)
         total = sum(r.size for r in refs)
         done = 0
@@ -150,6 +179,11 @@ class LocalFolderSource:
                 ) from None
             except PermissionError:
                 raise AccessDenied(f"cannot read {source} (permission denied); fix its permissions") from None
+            if not os.access(ref.ref, os.R_OK):
+                raise AccessDenied(
+                    f"cannot read {source} (permission denied): fix its permissions, then retry the series "
+                    "with `dicomflow dlq retry`"
+                )
             if size != ref.size:
                 raise SeriesChanged(
                     "a file of this series changed since it was discovered (still being copied?); it will be "
@@ -208,6 +242,13 @@ class LocalFolderSink:
         root = _require_local(location)
         parts = safe_local_parts(rel_dir)
         target_dir = root.joinpath(*parts)
+        longest = max((target_dir / f.name for f in files), key=_path_bytes, default=target_dir)
+        if _path_bytes(longest) > OS_MAX_PATH_BYTES:
+            raise PathTooLong(
+                f"the output {longest} would be a {_path_bytes(longest)}-byte path, more than the file system "
+                f"accepts ({OS_MAX_PATH_BYTES}): choose a destination with a shorter path, or shorten the source's "
+                "folder names (the output tree mirrors them)"
+            )
         try:
             target_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -277,6 +318,11 @@ class LocalFolderSink:
             return DiskFull(f"no space left on the device holding {where}; free some space (it will be retried)")
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return DestinationNotWritable(f"cannot write to {where} ({exc.strerror}); fix its permissions")
+        if exc.errno == errno.ENAMETOOLONG:
+            return PathTooLong(
+                f"cannot write to {where}: a file or folder name, or the whole path, is longer than the file system "
+                "accepts; choose a destination with a shorter path or shorten the source's folder names"
+            )
         return DestinationNotWritable(f"cannot write to {where}: {exc.strerror}")
 
     def _copy_into_place(self, source: Path, target: Path) -> None:

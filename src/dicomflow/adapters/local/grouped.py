@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomflow.adapters.dcm2niix import Dcm2niixConverter, GroupInput
-from dicomflow.domain.privacy import guard
 from dicomflow.domain.series import ConversionOptions
+from dicomflow.log_privacy import guard
 from dicomflow.ports import ConverterRun
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def series_uid(path: Path) -> str | None:
             value = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"], force=True).get(
                 "SeriesInstanceUID"
             )
-        except Exception:  # noqa: BLE001 - any unreadable file: that series is converted alone
+        except Exception:
             return None
     text = str(value or "").strip()
     return text if text and all(c.isdigit() or c == "." for c in text) else None

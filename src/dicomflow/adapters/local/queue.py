@@ -6,7 +6,8 @@ parsing use whole cores). Like Cloud Tasks: a 2xx answer deletes the task; anyth
 worker process dying mid-task — schedules the next attempt after the queue's backoff, and after the last
 attempt the task is dropped (the convert handler has already handed the series to the dead-letter queue
 by then; see services/convert_series.py). Creating a task whose id exists, or ran or was dropped within
-the last hour (Cloud Tasks' de-duplication window), is a no-op.
+the last hour (Cloud Tasks' de-duplication window), is a no-op. Worker processes die with the process that
+started them, even when it is killed by SIGKILL (dicomflow/lifeline.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import queue as queue_module
 import threading
 import time
@@ -26,6 +28,7 @@ from typing import Any
 
 from dicomflow.adapters.local.sqlite import SqliteDatabase
 from dicomflow.domain.retry import RetryPolicy
+from dicomflow.lifeline import die_with_parent
 from dicomflow.ports import Attempt, QueueName, Task
 
 log = logging.getLogger(__name__)
@@ -159,8 +162,11 @@ TaskRunner = Callable[[QueueName, dict[str, Any], Attempt], int]
 _worker_runner: TaskRunner | None = None
 
 
-def _init_worker(factory: Callable[[Any], TaskRunner], factory_arg: Any) -> None:
+def _init_worker(factory: Callable[[Any], TaskRunner], factory_arg: Any, parent_pid: int) -> None:
     global _worker_runner  # noqa: PLW0603 - one runner per worker process, built once at process start
+    # A worker never outlives the run that started it, even one killed by SIGKILL (issue 12): nobody would
+    # collect its results, and the next run must be alone with the state.
+    die_with_parent(parent_pid)
     _worker_runner = factory(factory_arg)
 
 
@@ -230,7 +236,7 @@ class LocalRunner:
             max_workers=self._workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self._factory, self._factory_arg),
+            initargs=(self._factory, self._factory_arg, os.getpid()),
         )
         # The executor starts processes one at a time, as tasks arrive; start them all now so the
         # first fan-out (expansion chunks) does not wait for interpreters to boot.

@@ -243,10 +243,11 @@ class SqliteStateStore:
             if updated is None:
                 return current, False
             updated = replace(updated, rev=current.rev + 1)
+            # The fingerprint changes too: a redrive reads the series again, a superseded success is marked.
             db.execute(
-                "UPDATE items SET state = ?, lease_until = ?, updated_at = ?, data = ? "
+                "UPDATE items SET state = ?, fingerprint = ?, lease_until = ?, updated_at = ?, data = ? "
                 "WHERE batch_id = ? AND item_id = ?",
-                (updated.state.value, updated.lease_until, updated.updated_at,
+                (updated.state.value, updated.fingerprint, updated.lease_until, updated.updated_at,
                  _dumps(codec.item_to_dict(updated)), batch_id, item_id),
             )  # fmt: skip
         return updated, True
