@@ -8,11 +8,13 @@ clock) instead of patching.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ from dicomflow.adapters.deidentify import ProfileDeidentifier
 from dicomflow.adapters.dicom_headers import SequentialScanner, ThreadedScanner
 from dicomflow.adapters.heartbeat import ThreadHeartbeat
 from dicomflow.adapters.local.files import LocalFolderSink, LocalFolderSource
+from dicomflow.adapters.local.grouped import GroupingConverter
 from dicomflow.adapters.local.private import private_dir
-from dicomflow.adapters.local.queue import SqliteTaskQueue, TaskRunner
+from dicomflow.adapters.local.queue import Delivery, SqliteTaskQueue, TaskRunner
 from dicomflow.adapters.local.sqlite_store import SqliteStateStore
 from dicomflow.auth import Authenticator
 from dicomflow.config import Mode, Settings
@@ -32,13 +35,11 @@ from dicomflow.domain.failures import ConfigError
 from dicomflow.domain.locations import LocationKind
 from dicomflow.domain.privacy import parse_extra_keys
 from dicomflow.ports import (
-    Attempt,
     ChangeFeed,
     Converter,
     Deidentifier,
     HeaderScanner,
     Heartbeat,
-    QueueName,
     Sink,
     Source,
     StateStore,
@@ -215,12 +216,29 @@ class LocalWorkerSpec:
 
 
 def local_task_runner(spec: LocalWorkerSpec) -> TaskRunner:
-    """Called once in each local worker process (ProcessPoolExecutor initializer)."""
+    """Called once in each local worker process (ProcessPoolExecutor initializer). A group of convert tasks
+    (small series, see local_runtime.py) runs in threads sharing one GroupingConverter: one dcm2niix
+    process for all of them where that is exact, each alone otherwise."""
     logs.configure(spec.settings, file=Path(spec.log_file) if spec.log_file else None)
     ctx = build(spec.settings, progress=_progress_forwarder(spec.progress_queue))
 
-    def run(queue: QueueName, payload: dict[str, Any], attempt: Attempt) -> int:
-        return handle_task(ctx, queue, payload, attempt).status
+    def run(deliveries: Sequence[Delivery]) -> list[int]:
+        if len(deliveries) == 1 or not isinstance(ctx.converter, Dcm2niixConverter):
+            return [handle_task(ctx, *delivery).status for delivery in deliveries]
+        grouping = GroupingConverter(
+            ctx.converter, len(deliveries), ctx.work_dir, timeout_seconds=spec.settings.convert_timeout_seconds
+        )
+        group_ctx = dataclasses.replace(ctx, converter=grouping)
+
+        def one(delivery: Delivery) -> int:
+            try:
+                return handle_task(group_ctx, *delivery).status
+            finally:
+                grouping.done()
+
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=len(deliveries), thread_name_prefix="group") as pool:
+            return list(pool.map(one, deliveries))
 
     return run
 

@@ -13,11 +13,12 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from typing import Any
 from dicomflow import bootstrap, logs
 from dicomflow.adapters.local.files import DCM2NIIX_MAX_FOLDER_BYTES, SCRATCH_NAME_BYTES
 from dicomflow.adapters.local.private import private_dir, private_file
-from dicomflow.adapters.local.queue import LocalRunner, RunStats, SqliteTaskQueue, drain
+from dicomflow.adapters.local.queue import Grouper, LeasedTask, LocalRunner, RunStats, SqliteTaskQueue, drain
 from dicomflow.config import Settings
-from dicomflow.domain.failures import ConfigError
+from dicomflow.domain.failures import ConfigError, DicomflowError
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import Batch, Item, ItemState
 from dicomflow.domain.retry import CONTROL_POLICY
@@ -44,6 +45,11 @@ SQLITE_MAX_PATH_BYTES = 511
 # A reader probing the lock (status: "is this batch's run alive?") holds it for microseconds; a run
 # starting at that moment waits this long before it calls the state busy.
 LOCK_PATIENCE_SECONDS = 2.0
+# Series this small convert faster several to a dcm2niix process than one each (issue 13: process start-up
+# dominates them); bigger ones keep a process of their own. A group is at most MAX_GROUP series.
+SMALL_SERIES_FILES = 64
+SMALL_SERIES_BYTES = 32 * 2**20
+MAX_GROUP = 32
 
 
 def state_home() -> Path:
@@ -189,6 +195,39 @@ def check_work_dir(work_dir: Path) -> None:
         )
 
 
+def small_series_grouper(store: StateStore) -> Grouper:
+    """Groups the convert tasks of small series, spread evenly over the worker processes, each group in
+    one worker: its series share one dcm2niix run where that is exact (adapters/local/grouped.py). Every
+    other task is a group of its own. The cloud keeps one series per task."""
+
+    def small(task: LeasedTask) -> bool:
+        if task.queue is not QueueName.CONVERT:
+            return False
+        try:
+            item = store.get_item(str(task.payload["batch_id"]), str(task.payload["item_id"]))
+        except (DicomflowError, KeyError):
+            return False  # the handler will say what is wrong with it, alone
+        return item.file_count <= SMALL_SERIES_FILES and item.bytes_total <= SMALL_SERIES_BYTES
+
+    def grouper(tasks: Sequence[LeasedTask], workers: int) -> list[list[LeasedTask]]:
+        marked = [(task, small(task)) for task in tasks]
+        count = sum(1 for _, is_small in marked if is_small)
+        size = min(MAX_GROUP, max(1, math.ceil(count / max(1, workers))))
+        groups: list[list[LeasedTask]] = []
+        open_group: list[LeasedTask] | None = None
+        for task, is_small in marked:
+            if not is_small:
+                groups.append([task])
+            elif open_group is not None and len(open_group) < size:
+                open_group.append(task)
+            else:
+                open_group = [task]
+                groups.append(open_group)
+        return groups
+
+    return grouper
+
+
 @dataclass
 class LocalSession:
     settings: Settings
@@ -226,6 +265,8 @@ def open_session(settings: Settings) -> Iterator[LocalSession]:
             runner_factory=bootstrap.local_task_runner,
             factory_arg=spec,
             on_crash=lambda: reconcile(ctx, all_leases_expired=True),
+            grouper=small_series_grouper(ctx.store),
+            lease_factor=MAX_GROUP,
         )
         runner.start()  # workers boot while this process recovers state and submits
         try:

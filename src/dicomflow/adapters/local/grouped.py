@@ -133,6 +133,7 @@ class GroupingConverter:
             for member, _ in inputs:
                 shutil.rmtree(member.output_dir, ignore_errors=True)  # a member alone starts from nothing
             return
+        log.info("%d series converted in one dcm2niix run", len(inputs))
         for (member, _), run in zip(inputs, result, strict=True):
             member.run = run
 

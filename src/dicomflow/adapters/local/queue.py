@@ -108,6 +108,11 @@ class SqliteTaskQueue:
             db.executemany("UPDATE tasks SET leased = 1 WHERE task_id = ?", [(r[0],) for r in rows])
         return [LeasedTask(r[0], QueueName(r[1]), json.loads(r[2]), int(r[3])) for r in rows]
 
+    def release(self, task_ids: Sequence[str]) -> None:
+        """Leased tasks the runner did not deliver after all: deliverable again, no attempt counted."""
+        with self._db.tx() as db:
+            db.executemany("UPDATE tasks SET leased = 0 WHERE task_id = ?", [(t,) for t in task_ids])
+
     def ack(self, task_id: str) -> None:
         """The task is done (2xx) or dropped after its last attempt: gone, its name blocked for a while."""
         with self._db.tx() as db:
@@ -156,8 +161,13 @@ class LeasedTask:
 
 # --- worker processes ----------------------------------------------------------------------------------
 
-TaskRunner = Callable[[QueueName, dict[str, Any], Attempt], int]
-"""Runs one task in a worker process and returns the HTTP-like status (2xx = done)."""
+Delivery = tuple[QueueName, dict[str, Any], Attempt]
+TaskRunner = Callable[[Sequence[Delivery]], list[int]]
+"""Runs one task, or a group of small convert tasks at once, in a worker process and returns the HTTP-like
+status of each (2xx = done), in order."""
+Grouper = Callable[[Sequence["LeasedTask"], int], list[list["LeasedTask"]]]
+"""grouper(leased tasks, worker processes) -> every leased task, in the groups to deliver together, in
+queue order (most groups have one task; local_runtime.py says which convert tasks are grouped)."""
 
 _worker_runner: TaskRunner | None = None
 
@@ -174,10 +184,10 @@ def _warm_up() -> int:
     return 0
 
 
-def _run_in_worker(queue: QueueName, payload: dict[str, Any], attempt: Attempt) -> int:
+def _run_in_worker(deliveries: Sequence[Delivery]) -> list[int]:
     if _worker_runner is None:  # pragma: no cover - the initializer always runs first
         raise RuntimeError("worker process not initialised")
-    return _worker_runner(queue, payload, attempt)
+    return _worker_runner(deliveries)
 
 
 @dataclass
@@ -203,6 +213,8 @@ class LocalRunner:
         on_idle_tick: Callable[[], None] | None = None,
         on_crash: Callable[[], object] | None = None,
         poll_seconds: float = 0.2,
+        grouper: Grouper | None = None,
+        lease_factor: int = 1,
     ) -> None:
         self._tasks = tasks
         self._workers = max(1, workers)
@@ -212,6 +224,8 @@ class LocalRunner:
         self.on_idle_tick = on_idle_tick
         self._on_crash = on_crash
         self._poll = poll_seconds
+        self._grouper = grouper
+        self._lease_factor = max(1, lease_factor)  # tasks leased per free worker, for the grouper to group
         self._stop = threading.Event()
         self._started: ProcessPoolExecutor | None = None
         self.stats = RunStats()
@@ -247,7 +261,7 @@ class LocalRunner:
     def run(self) -> RunStats:
         self._tasks.release_all_leases()
         pool, self._started = self._started or self._pool(), None
-        inflight: dict[Future[int], LeasedTask] = {}
+        inflight: dict[Future[list[int]], list[LeasedTask]] = {}
         try:
             while not self._stop.is_set():
                 self._fill(pool, inflight)
@@ -266,40 +280,49 @@ class LocalRunner:
             pool.shutdown(wait=True, cancel_futures=True)
         return self.stats
 
-    def _fill(self, pool: ProcessPoolExecutor, inflight: dict[Future[int], LeasedTask]) -> None:
+    def _fill(self, pool: ProcessPoolExecutor, inflight: dict[Future[list[int]], list[LeasedTask]]) -> None:
         free = self._workers - len(inflight)
         if free <= 0:
             return
-        for task in self._tasks.lease_due(free):
-            attempt = Attempt(retry_count=task.retry_count, task_id=task.task_id, queue=task.queue.value)
-            inflight[pool.submit(_run_in_worker, task.queue, task.payload, attempt)] = task
-            self.stats.delivered += 1
+        leased = self._tasks.lease_due(free * (self._lease_factor if self._grouper else 1))
+        groups = self._grouper(leased, self._workers) if self._grouper and len(leased) > 1 else [[t] for t in leased]
+        # One group per free worker process; the rest goes back to the queue, no attempt counted.
+        self._tasks.release([t.task_id for group in groups[free:] for t in group])
+        for group in groups[:free]:
+            deliveries = [
+                (t.queue, t.payload, Attempt(retry_count=t.retry_count, task_id=t.task_id, queue=t.queue.value))
+                for t in group
+            ]
+            inflight[pool.submit(_run_in_worker, deliveries)] = group
+            self.stats.delivered += len(group)
 
-    def _collect(self, done: set[Future[int]], inflight: dict[Future[int], LeasedTask]) -> bool:
+    def _collect(self, done: set[Future[list[int]]], inflight: dict[Future[list[int]], list[LeasedTask]]) -> bool:
         """Settle finished tasks; True if the pool broke (a worker process died)."""
         broken = False
         for future in done:
-            task = inflight.pop(future)
+            group = inflight.pop(future)
             try:
-                status = future.result()
+                statuses = future.result()
             except BrokenProcessPool:
                 broken = True
-                status = 599  # like a connection dropped by a crashed server: retried
-                self.stats.worker_crashes += 1
+                statuses = [599] * len(group)  # like a connection dropped by a crashed server: retried
+                self.stats.worker_crashes += len(group)
             except Exception:
-                log.exception("task %s raised instead of answering", task.task_id)
-                status = 500
-            self._settle(task, status)
+                log.exception("task %s raised instead of answering", group[0].task_id)
+                statuses = [500] * len(group)
+            for task, status in zip(group, statuses, strict=True):
+                self._settle(task, status)
         return broken
 
     def _replace_broken_pool(
-        self, pool: ProcessPoolExecutor, inflight: dict[Future[int], LeasedTask]
+        self, pool: ProcessPoolExecutor, inflight: dict[Future[list[int]], list[LeasedTask]]
     ) -> ProcessPoolExecutor:
         # Every task of a broken pool is lost with it: count each as a failed attempt.
-        for future, task in list(inflight.items()):
+        for future, group in list(inflight.items()):
             inflight.pop(future)
-            self.stats.worker_crashes += 1
-            self._settle(task, 599)
+            for task in group:
+                self.stats.worker_crashes += 1
+                self._settle(task, 599)
         pool.shutdown(wait=True, cancel_futures=True)
         if self._on_crash:
             # No worker of the broken pool is alive: release the series they held.
