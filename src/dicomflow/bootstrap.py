@@ -236,7 +236,6 @@ def local_task_runner(spec: LocalWorkerSpec) -> TaskRunner:
             finally:
                 grouping.done()
 
-        ctx.work_dir.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=len(deliveries), thread_name_prefix="group") as pool:
             return list(pool.map(one, deliveries))
 

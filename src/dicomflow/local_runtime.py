@@ -265,7 +265,7 @@ def open_session(settings: Settings) -> Iterator[LocalSession]:
             runner_factory=bootstrap.local_task_runner,
             factory_arg=spec,
             on_crash=lambda: reconcile(ctx, all_leases_expired=True),
-            grouper=small_series_grouper(ctx.store),
+            grouper=small_series_grouper(ctx.store) if settings.group_small_series else None,
             lease_factor=MAX_GROUP,
         )
         runner.start()  # workers boot while this process recovers state and submits

@@ -379,7 +379,12 @@ class StateStore(Protocol):
 
     def put_chunk_results(self, batch_id: str, listing: str, chunk_no: int, results: Sequence[ScanResult]) -> None: ...
 
-    def list_chunks(self, batch_id: str, listing: str) -> list[ExpansionChunk]: ...
+    def list_chunks(self, batch_id: str, listing: str) -> Iterator[ExpansionChunk]:
+        """The chunks of a listing, in no particular order, read a page at a time (a 10,000-series batch
+        has two thousand scanned chunks: they are never all in memory at once)."""
+
+    def unscanned_chunks(self, batch_id: str, listing: str) -> list[int]:
+        """The numbers of the listing's chunks whose headers are not scanned yet, without their contents."""
 
     def count_unscanned_chunks(self, batch_id: str, listing: str) -> int: ...
 

@@ -350,16 +350,26 @@ def test_expansion_chunks_hold_files_and_scan_results_per_listing(store: StateSt
     store.put_chunk_results("b1", "L1", 0, results)
     assert store.count_unscanned_chunks("b1", "L1") == 1
     assert store.count_unscanned_chunks("b1", "L2") == 1
+    assert store.unscanned_chunks("b1", "L1") == [1] and store.unscanned_chunks("b1", "L2") == [0]
     chunk = store.get_chunk("b1", "L1", 0)
     assert chunk.files == files and chunk.skipped == skipped and chunk.results == results
     assert store.get_chunk("b1", "L2", 0).files == files[1:]
-    assert [c.chunk_no for c in store.list_chunks("b1", "L1")] == [0, 1]
+    assert sorted(c.chunk_no for c in store.list_chunks("b1", "L1")) == [0, 1]
     store.delete_chunks("b1", keep="L1")
-    assert store.list_chunks("b1", "L2") == [] and len(store.list_chunks("b1", "L1")) == 2
+    assert list(store.list_chunks("b1", "L2")) == [] and len(list(store.list_chunks("b1", "L1"))) == 2
     store.delete_chunks("b1")
-    assert store.list_chunks("b1", "L1") == []
+    assert list(store.list_chunks("b1", "L1")) == []
     with pytest.raises(NotFound):
         store.get_chunk("b1", "L1", 0)
+
+
+def test_chunks_are_read_in_pages_and_all_of_them_come_back(store: StateStore) -> None:
+    # More chunks than one page of the Firestore store (CHUNKS_PER_READ): every one is read, none twice.
+    store.create_batch(_batch())
+    files = (FileRef("/in/0", "a/0", 1),)
+    store.put_chunks([ExpansionChunk("b1", n, files, listing="L1") for n in range(47)])
+    assert sorted(c.chunk_no for c in store.list_chunks("b1", "L1")) == list(range(47))
+    assert store.unscanned_chunks("b1", "L1") == list(range(47))
 
 
 def test_watch_channels_and_pending_folders(store: StateStore) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dicomflow import samples
-from tests.support.cli import DICOMFLOW, json_result, outputs, run_cli
+from tests.support.cli import DICOMFLOW, cli_env, json_result, outputs, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -180,3 +180,27 @@ def test_demo_runs_with_a_relative_directory_as_make_demo_does(tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-2000:]
     assert "demo OK" in result.stdout
     assert list((tmp_path / "demo-out" / "nifti").rglob("*.nii.gz"))
+
+
+def test_small_series_share_dcm2niix_runs_and_get_what_a_run_each_gives(tmp_path: Path) -> None:
+    # Issue 13: many small series convert several to a dcm2niix process; the outputs are the same files
+    # (names and bytes) as with one process per series (DICOMFLOW_GROUP_SMALL_SERIES=false).
+    samples.make_bench_archive(tmp_path / "dicom", series=10, slices=12, rows=64, cols=64, seed=3)
+    key = {"DICOMFLOW_PSEUDONYM_KEY": "ab" * 32}  # one key: both destinations name folders alike
+    runs = {}
+    for name, grouped in (("grouped", "true"), ("alone", "false")):
+        env = cli_env(tmp_path, DICOMFLOW_GROUP_SMALL_SERIES=grouped, **key)
+        out = tmp_path / name
+        result = run_cli(
+            "convert", str(tmp_path / "dicom"), str(out), "--workers", "2", "--json", home=tmp_path, env=env
+        )
+        assert result.returncode == 0 and json_result(result)["counters"]["succeeded"] == 10
+        log = (out / ".dicomflow" / "dicomflow.log").read_text()
+        runs[name] = (out, log)
+    assert "series converted in one dcm2niix run" in runs["grouped"][1]
+    assert "series converted in one dcm2niix run" not in runs["alone"][1]
+
+    def contents(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in outputs(root)}
+
+    assert contents(runs["grouped"][0]) == contents(runs["alone"][0])

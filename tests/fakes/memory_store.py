@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 from dicomflow.adapters import codec
@@ -233,13 +233,16 @@ class MemoryStateStore:
             self._check_size(done)
             self._chunks[(batch_id, listing, chunk_no)] = done
 
-    def list_chunks(self, batch_id: str, listing: str) -> list[ExpansionChunk]:
+    def list_chunks(self, batch_id: str, listing: str) -> Iterator[ExpansionChunk]:
         with self._lock:
             found = [c for (b, owner, _), c in self._chunks.items() if b == batch_id and owner == listing]
-        return sorted(found, key=lambda c: c.chunk_no)
+        return iter(sorted(found, key=lambda c: c.chunk_no))
+
+    def unscanned_chunks(self, batch_id: str, listing: str) -> list[int]:
+        return [c.chunk_no for c in self.list_chunks(batch_id, listing) if c.results is None]
 
     def count_unscanned_chunks(self, batch_id: str, listing: str) -> int:
-        return sum(1 for c in self.list_chunks(batch_id, listing) if c.results is None)
+        return len(self.unscanned_chunks(batch_id, listing))
 
     def delete_chunks(self, batch_id: str, keep: str | None = None) -> None:
         with self._lock:

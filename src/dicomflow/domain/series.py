@@ -186,11 +186,30 @@ def _common_dir(paths: Sequence[str]) -> str:
 
 @dataclass
 class _Accumulator:
+    """One series while its files stream in: only what grouping needs per file (its reference, its
+    SOPInstanceUID and its folders, shared between the files of a folder) and the header of the first
+    file by path."""
+
     header: DicomHeader
-    files: list[FileRef] = field(default_factory=list)
-    uids: set[str] = field(default_factory=set)
-    folders: list[tuple[DirScrub, ...]] = field(default_factory=list)
+    first_path: str
+    files: dict[str, tuple[FileRef, tuple[DirScrub, ...]]] = field(default_factory=dict)  # by SOPInstanceUID
+    folders: dict[tuple[DirScrub, ...], tuple[DirScrub, ...]] = field(default_factory=dict)  # one copy of each
     duplicates: int = 0
+
+    def add(self, ref: FileRef, header: DicomHeader) -> None:
+        if ref.path < self.first_path:
+            self.header, self.first_path = header, ref.path
+        kept = self.files.get(header.sop_instance_uid)
+        if kept is not None:
+            self.duplicates += 1
+            if ref.path >= kept[0].path:
+                return
+        self.files[header.sop_instance_uid] = (ref, self.folders.setdefault(header.folders, header.folders))
+
+    def scrubs(self) -> tuple[DirScrub, ...] | None:
+        """The folders all kept files share, or None when discovery did not scrub every file's folders."""
+        per_file = [folders for _, folders in self.files.values()]
+        return _common_scrubs(per_file) if all(per_file) else None
 
 
 def group_series(scanned: Iterable[tuple[FileRef, DicomHeader]]) -> list[SeriesGroup]:
@@ -205,31 +224,32 @@ def group_series(scanned: Iterable[tuple[FileRef, DicomHeader]]) -> list[SeriesG
     dicomflow's own runs): a folder keeps the name every series below it scrubbed it to, and gets its
     keyed `anon-<tag>` name when they disagree (privacy.merge_dirs) — a source folder name reaches the
     destination only if it holds no identifier of any series in it.
+
+    `scanned` may be a stream in any order (a 10,000-series batch has two million files): the result is
+    the same as for the files sorted by path, and a file's header is not kept once it is counted.
     """
     acc: dict[SeriesKey, _Accumulator] = {}
-    for ref, header in sorted(scanned, key=lambda pair: pair[0].path):
-        slot = acc.setdefault(header.key, _Accumulator(header))
-        if header.sop_instance_uid in slot.uids:
-            slot.duplicates += 1
-            continue
-        slot.uids.add(header.sop_instance_uid)
-        slot.files.append(ref)
-        slot.folders.append(header.folders)
+    for ref, header in scanned:
+        slot = acc.get(header.key)
+        if slot is None:
+            slot = acc[header.key] = _Accumulator(header, ref.path)
+        slot.add(ref, header)
 
-    scrubbed = {key: _common_scrubs(slot.folders) for key, slot in acc.items() if all(slot.folders)}
+    scrubbed = {key: scrubs for key, slot in acc.items() if (scrubs := slot.scrubs()) is not None}
     merged = merge_dirs(scrubbed.values())
     groups: list[SeriesGroup] = []
-    for key, slot in acc.items():
+    for key, slot in sorted(acc.items(), key=lambda pair: pair[1].first_path):
         head = slot.header
+        files = sorted((ref for ref, _ in slot.files.values()), key=lambda f: f.path)
         if key in scrubbed:
             rel_dir = "/".join(encode_component(merged[s.folder]) for s in scrubbed[key])
         else:  # no scrubs recorded (a direct caller without a pseudonym key): the folders as they are
-            rel_dir = _common_dir([f.path for f in slot.files])
+            rel_dir = _common_dir([f.path for f in files])
         groups.append(
             SeriesGroup(
                 key=key,
-                files=tuple(slot.files),
-                sop_instance_uids=tuple(sorted(slot.uids)),
+                files=tuple(files),
+                sop_instance_uids=tuple(sorted(slot.files)),
                 rel_dir=rel_dir,
                 series_number=head.series_number,
                 modality=head.modality,

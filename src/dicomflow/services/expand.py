@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from dicomflow.domain import model
@@ -187,7 +187,7 @@ def _list(ctx: Context, batch: Batch) -> None:
     if batch.listed_chunks == 1:
         _scan(ctx, batch, 0, group_inline=True)
         return
-    unscanned = [c.chunk_no for c in ctx.store.list_chunks(batch.batch_id, batch.listing) if c.results is None]
+    unscanned = ctx.store.unscanned_chunks(batch.batch_id, batch.listing)
     if unscanned:
         ctx.queue.enqueue([scan_task(batch.batch_id, epoch, n) for n in unscanned])
     else:
@@ -213,33 +213,39 @@ def _scan(ctx: Context, batch: Batch, chunk_no: int, *, group_inline: bool) -> N
 
 def _group(ctx: Context, batch: Batch) -> None:
     epoch = batch.epoch
-    chunks = ctx.store.list_chunks(batch.batch_id, batch.listing) if batch.listing else []
-    if not batch.listing or len(chunks) != batch.listed_chunks or any(c.results is None for c in chunks):
+    if not batch.listing or ctx.store.unscanned_chunks(batch.batch_id, batch.listing):
         return  # the last scan task enqueues group again
-    pairs: list[tuple[FileRef, DicomHeader]] = []
     ignored: Tally[str] = Tally()
     examples: list[str] = []
-    files_seen = 0
+    counts = {"files": 0, "chunks": 0}
     # Examples of skipped files name them by path only where the state stays on the user's machine; in
     # the cloud by Drive id (a source file name may carry the patient's name: docs/privacy.md).
     by_path = batch.sources[0].kind is LocationKind.LOCAL
-    for chunk in chunks:
-        for skipped in chunk.skipped:
-            ignored[skipped.ignored.kind.value] += 1
-            files_seen += 1
-            if len(examples) < IGNORED_EXAMPLES and by_path:
-                examples.append(f"{display(skipped.path)} ({skipped.ignored.kind.value})")
-        for ref, result in zip(chunk.files, chunk.results or (), strict=True):
-            files_seen += 1
-            if isinstance(result, Ignored):
-                ignored[result.kind.value] += 1
-                if len(examples) < IGNORED_EXAMPLES:
-                    name = display(ref.path) if by_path else f"Drive file {ref.ref}"
-                    examples.append(f"{name} ({result.kind.value})")
-            else:
-                pairs.append((ref, result))
 
-    groups = group_series(pairs)
+    def scanned() -> Iterator[tuple[FileRef, DicomHeader]]:
+        # The chunks stream in a page at a time and each file's header is folded into its series at
+        # once: a 10,000-series batch of 200 files per series never holds two million headers.
+        for chunk in ctx.store.list_chunks(batch.batch_id, batch.listing):
+            counts["chunks"] += 1
+            for skipped in chunk.skipped:
+                ignored[skipped.ignored.kind.value] += 1
+                counts["files"] += 1
+                if len(examples) < IGNORED_EXAMPLES and by_path:
+                    examples.append(f"{display(skipped.path)} ({skipped.ignored.kind.value})")
+            for ref, result in zip(chunk.files, chunk.results or (), strict=True):
+                counts["files"] += 1
+                if isinstance(result, Ignored):
+                    ignored[result.kind.value] += 1
+                    if len(examples) < IGNORED_EXAMPLES:
+                        name = display(ref.path) if by_path else f"Drive file {ref.ref}"
+                        examples.append(f"{name} ({result.kind.value})")
+                else:
+                    yield ref, result
+
+    groups = group_series(scanned())
+    if counts["chunks"] != batch.listed_chunks:
+        return  # chunks of this listing are missing (not written yet): never group part of a source
+    files_seen = counts["files"]
     if len(groups) > ctx.settings.max_batch_series:
         raise PermanentError(
             f"the source holds {len(groups)} series, more than the maximum of {ctx.settings.max_batch_series} "

@@ -122,6 +122,7 @@ class GroupingConverter:
         if len(inputs) < 2:
             return
         timeout = min([self._timeout, *(m.timeout for m, _ in inputs if m.timeout is not None)])
+        self._scratch.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=self._scratch, prefix="group-"))
         try:
             self.runs += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -352,11 +352,18 @@ class SqliteStateStore:
                 (_dumps(data), batch_id, listing, chunk_no),
             )
 
-    def list_chunks(self, batch_id: str, listing: str) -> list[ExpansionChunk]:
+    def list_chunks(self, batch_id: str, listing: str) -> Iterator[ExpansionChunk]:
         rows = self._db.read(
             "SELECT data FROM chunks WHERE batch_id = ? AND listing = ? ORDER BY chunk_no", (batch_id, listing)
         )
-        return [codec.chunk_from_dict(json.loads(r["data"])) for r in rows]
+        return (codec.chunk_from_dict(json.loads(r["data"])) for r in rows)
+
+    def unscanned_chunks(self, batch_id: str, listing: str) -> list[int]:
+        rows = self._db.read(
+            "SELECT chunk_no FROM chunks WHERE batch_id = ? AND listing = ? AND scanned = 0 ORDER BY chunk_no",
+            (batch_id, listing),
+        )
+        return [int(r["chunk_no"]) for r in rows]
 
     def count_unscanned_chunks(self, batch_id: str, listing: str) -> int:
         rows = self._db.read(
