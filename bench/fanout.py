@@ -222,7 +222,7 @@ def run(root: Path, host: str, args: argparse.Namespace) -> None:
     print(f"submit answered in           : {submit_seconds:7.3f} s   (target < 2 s)")
     print(
         f"all {args.series} convert tasks created: {fanout_seconds:7.2f} s   "
-        f"(target < 60 s, {args.create_ms:.0f} ms per create)"
+        f"({args.create_ms:.0f} ms per create; every expand instance shares this one Python process)"
     )
     print(f"Firestore writes per series  : {fanout_writes / args.series:7.3f}     (submit + expansion; target <= 3)")
     print(f"  + claim and success        : {lifecycle:7.3f}     (per series, measured on {len(sample)})")
