@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 
 SUMMARY: list[str] = []
@@ -10,3 +13,11 @@ SUMMARY: list[str] = []
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in SUMMARY:
         terminalreporter.write_line(f"simulation: {line}")
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    """The services log every event; a simulation test reports only what its assertions say."""
+    logging.disable(logging.CRITICAL)
+    yield
+    logging.disable(logging.NOTSET)

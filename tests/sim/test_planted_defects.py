@@ -5,8 +5,7 @@ scenario that still passes with its defect in place would prove nothing.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -26,13 +25,6 @@ from tests.sim import world
 from tests.sim.harness import SimulationFailure
 
 pytestmark = pytest.mark.simulation
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    logging.disable(logging.CRITICAL)
-    yield
-    logging.disable(logging.NOTSET)
 
 
 def _fails(scenario: Callable[..., None], *args: Any) -> None:

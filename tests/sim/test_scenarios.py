@@ -8,9 +8,6 @@ nothing, so each asserts it arose.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-
 import pytest
 
 from dicomflow.domain.model import BatchStatus, ItemState
@@ -19,13 +16,6 @@ from tests.sim.faults import Rule
 from tests.sim.harness import Run, Scenario, run_scenario
 
 pytestmark = pytest.mark.simulation
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    logging.disable(logging.CRITICAL)
-    yield
-    logging.disable(logging.NOTSET)
 
 
 def _scenario(**fields: object) -> Scenario:
