@@ -270,10 +270,18 @@ def _convert_claimed(
         try:
             classified = assess(run, files=item.file_count)
         except DicomflowError as exc:
-            # Name the file dcm2niix complained about (issue 13), then scrub: dcm2niix quotes protocol names.
-            name_what_failed(exc, run.console, input_dir, item.files, names=ctx.settings.mode is Mode.LOCAL)
+            # Scrub (dcm2niix quotes protocol names), then name the file it complained about (issue 13): the
+            # file's label is the user's own path locally, a position and Drive id in the cloud.
             exc.reason, exc.detail = _scrubbed(exc.reason, identifiers), _scrubbed(exc.detail, identifiers)
             exc.args = (exc.reason,)
+            name_what_failed(
+                exc,
+                run.console,
+                input_dir,
+                item.files,
+                names=ctx.settings.mode is Mode.LOCAL,
+                scrub=lambda text: _scrubbed(text, identifiers),
+            )
             raise
         warnings = tuple(_scrubbed(w, identifiers) for w in classified.warnings)
         if classified.verdict is ConversionVerdict.NOTHING_TO_CONVERT:

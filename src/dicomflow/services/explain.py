@@ -4,8 +4,8 @@ dcm2niix names the file it could not use ("Warning: File not large enough to sto
 /…/IM-0001-0003.dcm"), but the generic reason for its exit code does not, and the warnings kept with the
 series have their paths removed (they may hold folder names). This module maps the paths in dcm2niix's
 console back to the series' files and adds its message to the reason:
-- locally (local state and logs stay on the user's machine) by the file's path in the source:
-  "… dcm2niix said: File not large enough to store image data: sub-02/ses-01/T2/IM-0001-0003.dcm";
+- locally (local state and logs stay on the user's machine) by the file's path:
+  "… dcm2niix said: File not large enough to store image data: /data/sub-02/ses-01/T2/IM-0001-0003.dcm";
 - in the cloud, never by name (DESIGN.md §10: errors never reveal names): by position in the series and
   Drive file id ("file 3 of 6, Drive id 1AbC…"), which the user can open in Drive.
 """
@@ -13,11 +13,10 @@ console back to the series' files and adds its message to the reason:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePath
 
 from dicomflow.domain.failures import DicomflowError
-from dicomflow.domain.paths import display
 from dicomflow.domain.series import FileRef
 
 # A line of dcm2niix's console that says something went wrong.
@@ -35,7 +34,7 @@ def _labels(files: Sequence[FileRef], *, names: bool) -> dict[str, str]:
     labels: dict[str, str] = {}
     for index, ref in enumerate(files):
         if names:
-            label = display(ref.path)
+            label = ref.ref  # locally, the file's own path (an item keeps no source path, model.positioned)
         else:
             label = f"file {index + 1} of {len(files)}" + (f", Drive id {ref.ref}" if _DRIVE_ID.match(ref.ref) else "")
         labels[f"{index:06d}.dcm"] = label
@@ -44,10 +43,16 @@ def _labels(files: Sequence[FileRef], *, names: bool) -> dict[str, str]:
     return labels
 
 
-def _quoted(console: str, input_dir: Path, labels: dict[str, str]) -> list[str]:
+def _placeholder(index: int) -> str:
+    # A private-use character: no letter or digit, so scrubbing (a token rule) neither removes nor joins it.
+    return chr(0xE000 + index)
+
+
+def _quoted(console: str, input_dir: Path, labels: dict[str, str], scrub: Callable[[str], str]) -> list[str]:
     """dcm2niix's complaints, each file of the series replaced by its label and any other path by
     `<path>`. Paths of the series are found whole (folder names may hold spaces), before the rest is
-    scrubbed; labels go in last (a label is a path itself, locally)."""
+    scrubbed of other paths and by `scrub` (dcm2niix quotes protocol names); labels go in last, as they
+    are (a label is the user's own path, locally, or a position and Drive id in the cloud)."""
     about_files: list[str] = []
     others: list[str] = []
     folder = str(input_dir).rstrip("/") + "/"
@@ -56,9 +61,9 @@ def _quoted(console: str, input_dir: Path, labels: dict[str, str]) -> list[str]:
         if not match:
             continue
         message, used = _mark_files(match.group(1).strip(), folder, labels)
-        message = _PATH.sub("<path>", message)[:MAX_LINE]
+        message = scrub(_PATH.sub("<path>", message))[:MAX_LINE]
         for index, label in enumerate(used):
-            message = message.replace(f"\x00{index}\x00", label)
+            message = message.replace(_placeholder(index), label)
         bucket = about_files if used else others
         if message and message not in bucket:
             bucket.append(message)
@@ -80,7 +85,7 @@ def _mark_files(message: str, folder: str, labels: dict[str, str]) -> tuple[str,
             rest = tail
             continue
         name = max(fits, key=len)
-        out.append(f"\x00{len(used)}\x00")
+        out.append(_placeholder(len(used)))
         used.append(labels[name])
         rest = tail[len(name) :]
     out.append(rest)
@@ -88,12 +93,18 @@ def _mark_files(message: str, folder: str, labels: dict[str, str]) -> tuple[str,
 
 
 def name_what_failed(
-    error: DicomflowError, console: str, input_dir: Path, files: Sequence[FileRef], *, names: bool
+    error: DicomflowError,
+    console: str,
+    input_dir: Path,
+    files: Sequence[FileRef],
+    *,
+    names: bool,
+    scrub: Callable[[str], str],
 ) -> DicomflowError:
     """Add to the reason of `error` (raised for a dcm2niix run over `files` in `input_dir`) dcm2niix's own
     message about the file it could not use; returns the same error. `names`: the reason may name files
-    (local mode)."""
-    quoted = _quoted(console, input_dir, _labels(files, names=names))
+    (local mode). `scrub` removes identifiers from dcm2niix's words, not from the labels put in for files."""
+    quoted = _quoted(console, input_dir, _labels(files, names=names), scrub)
     if quoted:
         error.reason = f"{error.reason} dcm2niix said: {'; '.join(quoted)}"
         error.args = (error.reason,)
