@@ -546,6 +546,7 @@ class _Request:
     raw_query: str
     headers: Message
     body: bytes
+    answered: Callable[[], None] | None = None  # what FakeDrive.intercept asked to hear once it is answered
 
 
 @dataclass
@@ -1225,6 +1226,13 @@ class FakeDrive:
       with 400 and a closed connection after this idle time (see :meth:`_Handler.read_body`).
     * ``stall_seconds``: how long a ``"stall"`` network fault keeps the client waiting before closing.
     * ``faults``: :class:`Faults`; :meth:`fault_rate` adds a random mix.
+    * ``intercept``: ``(method, url, body) -> None | (() -> None)``, called in the serving thread before a
+      request is answered (after ``latency_seconds``, before faults); a test may block in it to force one
+      interleaving of concurrent clients. A callable it returns is called once the answer is decided (the
+      state read or written), before the answer is sent.
+    * ``descending_ids``: every new file id sorts before all earlier ones. Drive's ids are random, so two
+      items stamped with the same millisecond ``createdTime`` rank by chance; this makes the unlucky order
+      (the later item first) certain.
     """
 
     def __init__(self, *, seed: int = 0, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -1240,6 +1248,8 @@ class FakeDrive:
         self.body_timeout_seconds = 2.0
         self.stall_seconds = 1.0
         self.faults = Faults(seed)
+        self.intercept: Callable[[str, str, bytes], Callable[[], None] | None] | None = None
+        self.descending_ids = False
         self.server_errors: list[str] = []
         self.connections_accepted = 0
 
@@ -1260,6 +1270,7 @@ class FakeDrive:
         self._sessions: dict[str, _UploadSession] = {}
         self._list_cursors: dict[str, _ListCursor] = {}
         self._generated_ids: set[str] = set()
+        self._descending = 10**12
         self._changes_pages_served = 0
 
         self._notify_cv = threading.Condition()
@@ -1390,11 +1401,17 @@ class FakeDrive:
             self._drives[drive_id] = name
             return drive_id
 
-    def add_folder(self, name: str, parent: str | None = None, drive_id: str | None = None) -> str:
+    def add_folder(
+        self,
+        name: str,
+        parent: str | None = None,
+        drive_id: str | None = None,
+        app_properties: dict[str, str] | None = None,
+    ) -> str:
         """Create a folder (under ``parent``, the shared drive root, or My Drive); returns its id."""
         with self._lock:
             parent_node = self._helper_parent(parent, drive_id)
-            return self._commit_create(self._plan_for(name, FOLDER_MIME, parent_node, None), None).id
+            return self._commit_create(self._plan_for(name, FOLDER_MIME, parent_node, app_properties), None).id
 
     def add_file(
         self,
@@ -1692,6 +1709,8 @@ class FakeDrive:
         if self.latency_seconds > 0:
             time.sleep(self.latency_seconds)
         url = f"{split.path}?{raw_query}" if raw_query else split.path
+        if self.intercept is not None:
+            req.answered = self.intercept(method, url, body)
         hit = self.faults.pick(method, url)
         if hit is not None and hit.outcome.network is not None:
             self._network_fault(handler, req, hit.outcome.network)
@@ -1752,6 +1771,9 @@ class FakeDrive:
         )
         with self._log_lock:
             self._requests.append(record)
+        answered, req.answered = req.answered, None
+        if answered is not None:
+            answered()
 
     def _dispatch(self, req: _Request) -> _Response:
         try:
@@ -2844,6 +2866,10 @@ class FakeDrive:
 
     def _new_file_id(self) -> str:
         # Real file ids are 33 characters starting with "1".
+        if self.descending_ids:
+            with self._lock:
+                self._descending -= 1
+                return "1" + f"{self._descending:012d}" + self._random_string(20, _ID_ALPHABET)
         while True:
             candidate = "1" + self._random_string(32, _ID_ALPHABET)
             if candidate not in self._nodes:
