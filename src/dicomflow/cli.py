@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
+from dicomflow.cli_bids import build_layout, layout_options
 from dicomflow.config import Mode, Settings, describe, load_settings
 from dicomflow.domain.failures import DicomflowError
 from dicomflow.domain.locations import Location, parse_location
@@ -88,6 +89,7 @@ def main() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (for scripts).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output; only the summary.")
+@layout_options
 def convert(
     source: str,
     destination: str,
@@ -99,16 +101,19 @@ def convert(
     merge_2d: str,
     as_json: bool,
     quiet: bool,
+    **layout_args: Any,
 ) -> None:
     """Convert every DICOM series under SOURCE into NIfTI under DESTINATION, on this machine.
 
-    The output tree mirrors SOURCE's folders. Series already converted into DESTINATION with the same
-    files, converter and options are skipped (use --force to redo them). An interrupted run resumes
-    where it stopped when the same command is run again. The progress state is kept in
-    DESTINATION/.dicomflow/ (or --state).
+    The output tree mirrors SOURCE's folders, or with --layout bids is a BIDS dataset (docs/bids.md).
+    Every run writes DESTINATION/report.html: a thumbnail of every image and every problem. Series
+    already converted into DESTINATION with the same files, converter and options are skipped (use
+    --force to redo them). An interrupted run resumes where it stopped when the same command is run
+    again. The progress state is kept in DESTINATION/.dicomflow/ (or --state).
     """
     from dicomflow import local_runtime
 
+    layout, _ = build_layout(**layout_args)
     src = _location(source, "source")
     dst = _location(destination, "destination")
     state = state_path or load_settings().state_path or str(local_runtime.default_state_path(dst))
@@ -119,6 +124,7 @@ def convert(
         options=ConversionOptions(compress=not no_compress, merge_2d=merge_2d),
         label=label,
         force=force,
+        layout=layout,
     )
     sys.exit(_run_local(settings, lambda session: local_runtime.start_or_resume(session, request), as_json, quiet))
 
@@ -286,7 +292,7 @@ FINAL_STATUSES = ("completed", "completed_with_failures", "cancelled", "failed")
 def _watch_remote(api: Any, batch_id: str) -> dict[str, Any]:
     while True:
         data: dict[str, Any] = api.status(batch_id, page_size="1")
-        if data["status"] in FINAL_STATUSES:
+        if data["status"] in FINAL_STATUSES and not data.get("finishing"):  # report (and dataset) written
             return api.status(batch_id)  # type: ignore[no-any-return]
         c = data["counters"]
         eta = f", about {data['eta_seconds']:.0f} s left" if data.get("eta_seconds") else ""
@@ -334,15 +340,18 @@ def _remote_status(api: Any, batch_id: str | None, watch: bool, as_json: bool) -
 @click.option("--idempotency-key", default="", help="Repeat a submission safely: the same key returns the same batch.")
 @click.option("--wait", is_flag=True, help="Follow the batch until it finishes (like status --watch).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@layout_options
 def submit(
     source: tuple[str, ...], destination: str, api_url: str | None, label: str, force: bool, no_compress: bool,
-    merge_2d: str, idempotency_key: str, wait: bool, as_json: bool,
+    merge_2d: str, idempotency_key: str, wait: bool, as_json: bool, **layout_args: Any,
 ) -> None:  # fmt: skip
     """Submit SOURCE folder(s) for conversion into DESTINATION through the batch API (cloud mode).
 
     Folders are drive://FOLDER_ID, or local paths when the API runs in the dev stack
-    (`dicomflow dev`). The API answers at once; conversion continues in the cloud.
+    (`dicomflow dev`). The API answers at once; conversion continues in the cloud. With --layout bids
+    DESTINATION becomes a BIDS dataset (docs/bids.md); every batch writes DESTINATION/report.html.
     """
+    _, layout_body = build_layout(**layout_args)
     api = _api(api_url)
     if api is None:
         fail("submit needs the batch API: pass --api URL or set DICOMFLOW_API_URL (for a local run use convert)")
@@ -354,6 +363,8 @@ def submit(
         "label": label,
         "force": force,
     }
+    if layout_body is not None:
+        body["layout"] = layout_body
     try:
         accepted = api.submit(body, idempotency_key)
     except DicomflowError as exc:
@@ -593,9 +604,10 @@ def watch() -> None:
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
 @click.option("--owner", default="", help="Without --api: record this e-mail as the owner of the watch's batches.")
 @API_OPTION
+@layout_options
 def watch_add(
     folder: str, destination: str, label: str, no_compress: bool, merge_2d: str, state_path: str | None, owner: str,
-    api_url: str | None,
+    api_url: str | None, **layout_args: Any,
 ) -> None:  # fmt: skip
     """Open a Drive changes channel for FOLDER. New uploads are converted once the folder has been quiet
     for DICOMFLOW_SETTLE_SECONDS; notifications go to DICOMFLOW_WEBHOOK_URL with a token of the channel's own.
@@ -608,10 +620,13 @@ def watch_add(
         return _location(text if "://" in text else f"drive://{text}", field)
 
     options = ConversionOptions(compress=not no_compress, merge_2d=merge_2d)
+    layout, layout_body = build_layout(**layout_args)
     api = _api(api_url)
     if api is not None:
         body = {"folder": as_drive(folder, "folder").uri, "destination": as_drive(destination, "destination").uri,
                 "options": options.to_dict(), "label": label}  # fmt: skip
+        if layout_body is not None:
+            body["layout"] = layout_body
         try:
             print_json(sys.stdout, api.add_watch(body))
         except DicomflowError as exc:
@@ -620,7 +635,7 @@ def watch_add(
     ctx = _watch_context(state_path)
     try:
         channel = add_watch(ctx, as_drive(folder, "folder"), as_drive(destination, "destination"), options, label,
-                            owner=owner.strip().lower())  # fmt: skip
+                            owner=owner.strip().lower(), layout=layout)  # fmt: skip
     except DicomflowError as exc:
         fail(exc.reason)
     print_json(sys.stdout, channel_summary(channel))

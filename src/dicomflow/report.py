@@ -74,6 +74,7 @@ class ReportSeries:
     attempts: int = 0
     files: int = 0
     seconds: float = 0.0  # download + convert + upload
+    incomplete: bool = False  # dicomflow flagged the conversion as incomplete (missing slices or volumes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +196,8 @@ def _converted(series: Sequence[ReportSeries]) -> str:
     rows = []
     for s in series:
         flags = incomplete_flags(s.warnings)
+        if s.incomplete and not flags:
+            flags = ("dcm2niix reported missing slices or volumes: check the images",)
         notes = "".join(f'<li class="flag">{_e(f)}</li>' for f in flags)
         notes += "".join(f"<li>{_e(w)}</li>" for w in s.warnings)
         first = True

@@ -132,6 +132,8 @@ def summary_dict(batch: Batch, failures: Sequence[Item]) -> dict[str, Any]:
         "files_ignored": batch.files_ignored,
         "ignored_examples": list(batch.ignored_examples),
         "failure": batch.failure.to_dict() if batch.failure else None,
+        "layout": batch.layout.kind,
+        "report": batch.report_ref,
         "dead_letters": [
             {
                 "item_id": i.item_id,
@@ -162,6 +164,7 @@ def print_summary(out: IO[str], batch: Batch, failures: Sequence[Item], elapsed:
         console.print(f"finished in {elapsed:.1f} s")
     if batch.failure:
         console.print(f"[red]batch failed:[/red] {batch.failure.reason}")
+    _print_report(console, batch.layout.kind, batch.destination.uri, batch.report_ref)
     if batch.files_ignored:
         console.print(
             f"{batch.files_ignored} file(s) were not DICOM images and were skipped, e.g. "
@@ -202,6 +205,8 @@ def print_remote_summary(out: IO[str], data: dict[str, Any]) -> None:
         console.print(f"about {data['eta_seconds']:.0f} s left")
     if data.get("failure"):
         console.print(f"[red]batch failed:[/red] {data['failure']['reason']}")
+    _print_report(console, (data.get("layout") or {}).get("kind", "mirror"), data["destination"],
+                  data.get("report_ref", ""))  # fmt: skip
     failures = data.get("failures") or []
     if failures:
         dead = Table(title="dead-lettered series (fix the cause, then `dicomflow dlq retry`)", header_style="bold red")
@@ -213,3 +218,12 @@ def print_remote_summary(out: IO[str], data: dict[str, Any]) -> None:
             dead.add_row(f"{number} {item.get('description', '')}".strip() or item["item_id"][:8],
                          item.get("folder") or ".", str(item.get("attempts", "")), reason)  # fmt: skip
         console.print(dead)
+
+
+def _print_report(console: Console, layout: str, destination: str, report_ref: str) -> None:
+    """Where the batch's QA report (and BIDS dataset) is."""
+    if layout == "bids":
+        console.print(f"BIDS dataset: {destination}")
+    if report_ref:
+        where = report_ref if report_ref.startswith("/") else f"report.html in {destination} (Drive file {report_ref})"
+        console.print(f"report: {where}")

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
+from dicomflow.domain.facts import OutputImage
 from dicomflow.report import ImageInfo
 
 PANEL_HEIGHT: Final = 96
@@ -94,3 +95,15 @@ def encode_png(image: npt.NDArray[np.uint8]) -> bytes:
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+class NiftiInspector:
+    """The ImageInspector port: `describe` as the series record keeps it (domain.facts.OutputImage)."""
+
+    def describe(self, path: Path) -> OutputImage | None:
+        try:
+            info = describe(path)
+        except (OSError, TypeError, ValueError, nib.filebasedimages.ImageFileError, EOFError):
+            return None  # not an image nibabel reads: the report shows the file without one
+        return OutputImage(path.name, info.shape, info.voxel_size, info.volumes, info.thumbnail_png,
+                           info.thumbnail_size)  # fmt: skip

@@ -8,6 +8,7 @@ from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.events import Event
 from dicomflow.services.context import Context, event
 from dicomflow.services.outputs import finalize
+from dicomflow.services.progress import maybe_complete
 from dicomflow.services.task_names import cancel_task
 
 _WAITING = frozenset({ItemState.PENDING, ItemState.RETRYING})
@@ -39,4 +40,5 @@ def sweep_cancelled(ctx: Context, batch_id: str) -> int:
             skipped += int(did)
         if len(page) < 200:
             break
+    maybe_complete(ctx, batch_id)  # nothing running any more: the batch's finish step (its report) is owed
     return skipped

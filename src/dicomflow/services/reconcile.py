@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 
 from dicomflow.config import Settings
-from dicomflow.domain import model
+from dicomflow.domain import dataset, model
 from dicomflow.domain.failures import PermanentError, WorkerInterrupted
 from dicomflow.domain.model import Batch, BatchStatus, Item, ItemState
 from dicomflow.domain.retry import CONTROL_POLICY, RetryPolicy
@@ -36,8 +36,8 @@ from dicomflow.services.context import Context, event
 from dicomflow.services.dead_letter import announce_dead_letter
 from dicomflow.services.expand import fail_expansion
 from dicomflow.services.outputs import finalize, retract
-from dicomflow.services.progress import settle_batch
-from dicomflow.services.task_names import convert_task, expand_task
+from dicomflow.services.progress import maybe_complete, settle_batch
+from dicomflow.services.task_names import convert_task, expand_task, finish_task
 
 MAX_RESTARTS = 3
 # Slack on top of a queue's retry window: dispatch is not instantaneous, and a task may wait behind
@@ -68,6 +68,7 @@ class ReconcileReport:
     cancelled: int = 0
     expansions_restarted: int = 0
     batches_settled: int = 0
+    finishes_requeued: int = 0
 
 
 def _interrupted() -> WorkerInterrupted:
@@ -191,6 +192,12 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
             settled += int(settle_batch(ctx, batch.batch_id))
         elif not all_leases_expired and run.now - batch.updated_at > stalled_after:
             restarted += int(_restart_expansion(ctx, batch, run.now))
+    # A cancelled or failed batch owes its finish step once nothing of it runs; if the step that should
+    # have asked for it died first, ask now.
+    for batch in ctx.store.list_batches(limit=100, statuses=_ENDED_EARLY, counted=False):
+        if batch.completions == 0:
+            maybe_complete(ctx, batch.batch_id)
+    finishes = sum(_retry_finish(ctx, batch, run.now, all_leases_expired) for batch in ctx.store.find_unfinished())
     return ReconcileReport(
         requeued=run.counts["requeued"],
         dead_lettered=run.counts["dead_lettered"],
@@ -198,7 +205,27 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
         cancelled=run.counts["cancelled"],
         expansions_restarted=restarted,
         batches_settled=settled,
+        finishes_requeued=finishes,
     )
+
+
+_ENDED_EARLY = frozenset({BatchStatus.CANCELLED, BatchStatus.FAILED})
+
+
+def _retry_finish(ctx: Context, seen: Batch, now: float, all_leases_expired: bool) -> bool:
+    """A final batch whose finish step has not run: its task may be lost (dropped after its last attempt,
+    or never created because its creator died). After the expand queue's whole retry window — at once
+    at local start-up, when no other process can be running it — it gets a new task."""
+    if not all_leases_expired and now - seen.updated_at <= expansion_stalled_after(ctx.settings):
+        return False
+    if all_leases_expired:
+        ctx.store.update_dataset(seen.destination.key, lambda d: dataset.free(d, now))
+    batch, changed = ctx.store.update_batch(seen.batch_id, lambda b: model.retry_finish(b, now, seen))
+    if changed:
+        ctx.queue.enqueue([finish_task(batch)])
+        event(Event.RECONCILE_REQUEUED, "finish step of a final batch re-enqueued", severity=logging.WARNING,
+              batch_id=batch.batch_id, completion=batch.completions)  # fmt: skip
+    return changed
 
 
 def _restart_expansion(ctx: Context, batch: Batch, now: float) -> bool:

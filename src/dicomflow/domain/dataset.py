@@ -1,0 +1,113 @@
+"""A destination as a dataset: the files it holds that belong to no single series, and its one writer.
+
+`report.html` (every layout) and, for `--layout bids`, the top-level files (dataset_description.json,
+participants.tsv, scans.tsv, ...) are written by the finish step of a batch (services/finish.py), never
+by the workers. Two batches finishing into one destination at once must not interleave their writes:
+the finish step holds the destination's lease while it places outputs and writes these files — one
+writer per destination, whatever the number of batches, workers or duplicated task deliveries. The lease
+expires (a writer that died), is renewed by a heartbeat while the writer works, and every write the
+writer records is conditional on still holding it.
+
+`files` records what the dataset owns (name → SHA-256, shortened: one record per destination must stay
+small whatever the number of sessions); `writing` what the writer is about to write, recorded before it
+writes, so a writer that dies between writing and recording still recognises its own file next time. A
+file whose content is neither (a user edited dataset_description.json to add Authors) is the user's
+and is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+DIGEST_CHARS: Final = 16  # 64 bits of SHA-256: enough to tell our file from an edited one
+
+
+def short_digest(sha256: str) -> str:
+    return sha256[:DIGEST_CHARS]
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    dest_key: str
+    files: tuple[tuple[str, str], ...] = ()  # (name, short SHA-256), sorted
+    writing: tuple[tuple[str, str], ...] = ()
+    lease_owner: str = ""
+    lease_until: float | None = None
+    updated_at: float = 0.0
+
+    def owns(self, name: str, sha256: str) -> bool:
+        """Whether the file `name` with this content is one the dataset wrote (or was about to write)."""
+        digest = short_digest(sha256)
+        return dict(self.files).get(name) == digest or dict(self.writing).get(name) == digest
+
+    def held_by(self, owner: str, now: float) -> bool:
+        return self.lease_owner == owner and self.lease_until is not None and self.lease_until > now
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dest_key": self.dest_key,
+            "files": dict(self.files),
+            "writing": dict(self.writing),
+            "lease_owner": self.lease_owner,
+            "lease_until": self.lease_until,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Dataset:
+        until = data.get("lease_until")
+        return cls(
+            dest_key=str(data["dest_key"]),
+            files=tuple(sorted((str(k), str(v)) for k, v in (data.get("files") or {}).items())),
+            writing=tuple(sorted((str(k), str(v)) for k, v in (data.get("writing") or {}).items())),
+            lease_owner=str(data.get("lease_owner") or ""),
+            lease_until=None if until is None else float(until),
+            updated_at=float(data.get("updated_at") or 0.0),
+        )
+
+
+def take(dataset: Dataset, owner: str, now: float, seconds: float) -> Dataset | None:
+    """The writer's lease: free, expired, or already this owner's."""
+    if dataset.lease_owner and dataset.lease_owner != owner and (dataset.lease_until or 0.0) > now:
+        return None
+    return replace(dataset, lease_owner=owner, lease_until=now + seconds, updated_at=now)
+
+
+def renew(dataset: Dataset, owner: str, now: float, seconds: float) -> Dataset | None:
+    if not dataset.held_by(owner, now):
+        return None
+    return replace(dataset, lease_until=now + seconds, updated_at=now)
+
+
+def release(dataset: Dataset, owner: str, now: float) -> Dataset | None:
+    if dataset.lease_owner != owner:
+        return None
+    return replace(dataset, lease_owner="", lease_until=None, updated_at=now)
+
+
+def will_write(dataset: Dataset, owner: str, pending: Mapping[str, str], now: float) -> Dataset | None:
+    """Record what the writer is about to write (name → SHA-256), before it writes."""
+    if not dataset.held_by(owner, now):
+        return None
+    merged = dict(dataset.writing) | {name: short_digest(sha) for name, sha in pending.items()}
+    return replace(dataset, writing=tuple(sorted(merged.items())), updated_at=now)
+
+
+def wrote(
+    dataset: Dataset, owner: str, written: Mapping[str, str], removed: frozenset[str], now: float
+) -> Dataset | None:
+    """The writer wrote `written` (name → SHA-256) and removed `removed`: the dataset owns exactly that."""
+    if not dataset.held_by(owner, now):
+        return None
+    files = {n: d for n, d in dataset.files if n not in removed} | {n: short_digest(s) for n, s in written.items()}
+    return replace(dataset, files=tuple(sorted(files.items())), writing=(), updated_at=now)
+
+
+def free(dataset: Dataset, now: float) -> Dataset | None:
+    """Local mode at start-up: no other process can be writing (the state file is locked), so a lease left
+    by a killed run is void."""
+    if not dataset.lease_owner:
+        return None
+    return replace(dataset, lease_owner="", lease_until=None, updated_at=now)
