@@ -654,15 +654,20 @@ def complete_if_done(batch: Batch, counters: Counters, now: float) -> Batch | No
 
 
 def cancel(batch: Batch, now: float) -> Batch | None:
+    """Final at once; its finish step is owed in the same write (it waits for series still running)."""
     if batch.is_final:
         return None
-    return replace(batch, status=BatchStatus.CANCELLED, finished_at=now, updated_at=now)
+    return _owe_finish(replace(batch, status=BatchStatus.CANCELLED, finished_at=now, updated_at=now))
 
 
 def fail_batch(batch: Batch, now: float, failure: Failure) -> Batch | None:
     if batch.status is not BatchStatus.EXPANDING:
         return None
-    return replace(batch, status=BatchStatus.FAILED, failure=failure, finished_at=now, updated_at=now)
+    return _owe_finish(replace(batch, status=BatchStatus.FAILED, failure=failure, finished_at=now, updated_at=now))
+
+
+def _owe_finish(batch: Batch) -> Batch:
+    return replace(batch, completions=batch.completions + 1, finish_key=f"{batch.status.value}:open", finish_seq=0)
 
 
 def list_done(batch: Batch, now: float, epoch: int, listing: str, chunks: int) -> Batch | None:

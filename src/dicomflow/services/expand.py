@@ -42,7 +42,7 @@ from dicomflow.services.access import listing_guard
 from dicomflow.services.context import Context, event
 from dicomflow.services.outputs import finalize
 from dicomflow.services.progress import maybe_complete
-from dicomflow.services.task_names import convert_task, group_task, scan_task
+from dicomflow.services.task_names import convert_task, finish_task, group_task, scan_task
 
 MIN_CHUNK = 64
 IGNORED_EXAMPLES = 20
@@ -124,7 +124,7 @@ def fail_expansion(ctx: Context, batch: Batch, exc: DicomflowError) -> None:
         if len(page) < 100:
             break
     ctx.store.delete_chunks(failed.batch_id)
-    maybe_complete(ctx, batch.batch_id)  # its report says why it failed
+    ctx.queue.enqueue([finish_task(failed)])  # its report says why it failed (the reconciler resends a lost one)
 
 
 def _source_prefixes(ctx: Context, batch: Batch) -> list[str]:

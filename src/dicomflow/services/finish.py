@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -62,6 +63,7 @@ from dicomflow.domain.failures import (
     SourceNotFound,
     TransientError,
 )
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.model import Batch, Item, OutputFile
 from dicomflow.domain.paths import display, split
 from dicomflow.events import Event
@@ -83,6 +85,12 @@ class DatasetBusy(TransientError):
     code = "dataset_busy"
 
 
+class SeriesStillRunning(TransientError):
+    """The batch is final (cancelled, failed) but some of its series are still being converted."""
+
+    code = "series_still_running"
+
+
 class DatasetLost(TransientError):
     """This finish step lost the destination's lease (it stalled); another writer may hold it now."""
 
@@ -100,6 +108,10 @@ def finish_batch(ctx: Context, batch_id: str, completion: int, attempt: Attempt)
     batch = ctx.store.get_batch(batch_id, counted=False)
     if not batch.finish_pending or completion != batch.completions:
         return FinishResult("duplicate")  # done already, owed for a newer completion, or running again
+    if ctx.store.count_active(batch_id):
+        # A cancelled or failed batch is final while series it had started still run: they end soon (their
+        # lease or their dispatch deadline), and their outputs belong in the report and the dataset.
+        raise SeriesStillRunning("series of this batch are still converting; its report waits for them")
     writer = _Writer.take(ctx, batch, attempt)
     plan: DatasetPlan | None = None
     try:
@@ -143,6 +155,7 @@ class _Writer:
         self.beating = beating
         self.until = until
         self.moved = 0
+        self._scratch: Path | None = None
 
     @classmethod
     def take(cls, ctx: Context, batch: Batch, attempt: Attempt) -> _Writer:
@@ -177,6 +190,8 @@ class _Writer:
 
     def release(self) -> None:
         self.beating.stop()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
         with suppress(DicomflowError):  # otherwise the lease simply expires
             self.ctx.store.update_dataset(self.dest.key, lambda d: ds.release(d, self.owner, self.ctx.clock()))
 
@@ -227,12 +242,15 @@ class _Writer:
         return written
 
     def _publish(self, name: str, content: bytes, owner_key: str) -> OutputFile:
+        """A file written from memory, published like a converted output (renamed into place locally)."""
         parts = split(name)
-        self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.ctx.work_dir, prefix="finish-") as tmp:
-            path = Path(tmp) / display(parts[-1])
-            path.write_bytes(content)
-            (written,) = self.sink.publish(self.dest, "/".join(parts[:-1]), [path], owner_key=owner_key)
+        if self._scratch is None:
+            self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
+            self._scratch = Path(tempfile.mkdtemp(dir=self.ctx.work_dir, prefix="finish-"))
+        path = self._scratch / display(parts[-1])
+        path.write_bytes(content)
+        (written,) = self.sink.publish(self.dest, "/".join(parts[:-1]), [path], owner_key=owner_key)
+        path.unlink(missing_ok=True)  # a local publish renamed it into place; a Drive upload copied it
         return written
 
     def retract_older(self, item: Item, keep: set[tuple[str, str]]) -> None:
@@ -382,17 +400,21 @@ def _resume(writer: _Writer, item: Item, index: Index) -> Item:
     return writer.place(item, moves, item.facts.extras)
 
 
-def _place_dataset(writer: _Writer) -> DatasetPlan:
-    ctx, batch = writer.ctx, writer.batch
+@dataclass(frozen=True, slots=True)
+class _Records:
+    live: list[Item]  # the current record of every series in the destination (its latest success)
+    older: list[Item]  # earlier records of series converted again since (--force)
+    previous_runs: dict[str, int]  # the run an older record of a series was placed with
+
+
+def _records(ctx: Context, dest_key: str) -> _Records:
     current: dict[str, Item] = {}
     older: list[Item] = []
-    for item in sorted(
-        _destination_items(ctx, batch.destination.key), key=lambda i: (i.finished_at or 0.0, i.batch_id)
-    ):
+    for item in sorted(_destination_items(ctx, dest_key), key=lambda i: (i.finished_at or 0.0, i.batch_id)):
         if item.item_id in current:
             older.append(current[item.item_id])
         current[item.item_id] = item
-    # A series converted again (--force) keeps the run its older record was placed with.
+    # A series converted again keeps the run its older record was placed with.
     previous_runs: dict[str, int] = {}
     for item in older:
         for name in _placed_names(item).values():
@@ -400,6 +422,25 @@ def _place_dataset(writer: _Writer) -> DatasetPlan:
             if parsed is not None:
                 previous_runs[item.item_id] = parsed[2]
     live = [i for i in current.values() if i.outputs or i.placing]
+    return _Records(live, older, previous_runs)
+
+
+def planned_dataset(ctx: Context, dest_key: str, layout: Layout) -> DatasetPlan:
+    """The BIDS plan of a destination as its series records stand now (what the finish step writes the
+    top-level files from; the simulation checks the destination against it)."""
+    records = _records(ctx, dest_key)
+    series = [_converted(i) for i in records.live]
+    return plan_dataset(series, None, layout.parsed_rules(), layout.options(), records.previous_runs)
+
+
+def dataset_info(ctx: Context) -> DatasetInfo:
+    return DatasetInfo(DATASET_NAME, _version(), ctx.converter.version.removeprefix("dcm2niix-"))
+
+
+def _place_dataset(writer: _Writer) -> DatasetPlan:
+    ctx, batch = writer.ctx, writer.batch
+    records = _records(ctx, batch.destination.key)
+    live, older, previous_runs = records.live, records.older, records.previous_runs
     rules, options = batch.layout.parsed_rules(), batch.layout.options()
 
     def plan_now() -> DatasetPlan:
@@ -418,8 +459,7 @@ def _place_dataset(writer: _Writer) -> DatasetPlan:
     for item in older:
         if item.outputs or item.placing:
             writer.retract_older(item, keep)
-    info = DatasetInfo(DATASET_NAME, _version(), ctx.converter.version.removeprefix("dcm2niix-"))
-    writer.write_files(top_level_files(plan, info), keep=frozenset({REPORT}))
+    writer.write_files(top_level_files(plan, dataset_info(ctx)), keep=frozenset({REPORT}))
     return plan
 
 

@@ -36,7 +36,7 @@ from dicomflow.services.context import Context, event
 from dicomflow.services.dead_letter import announce_dead_letter
 from dicomflow.services.expand import fail_expansion
 from dicomflow.services.outputs import finalize, retract
-from dicomflow.services.progress import maybe_complete, settle_batch
+from dicomflow.services.progress import settle_batch
 from dicomflow.services.task_names import convert_task, expand_task, finish_task
 
 MAX_RESTARTS = 3
@@ -192,11 +192,6 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
             settled += int(settle_batch(ctx, batch.batch_id))
         elif not all_leases_expired and run.now - batch.updated_at > stalled_after:
             restarted += int(_restart_expansion(ctx, batch, run.now))
-    # A cancelled or failed batch owes its finish step once nothing of it runs; if the step that should
-    # have asked for it died first, ask now.
-    for batch in ctx.store.list_batches(limit=100, statuses=_ENDED_EARLY, counted=False):
-        if batch.completions == 0:
-            maybe_complete(ctx, batch.batch_id)
     finishes = sum(_retry_finish(ctx, batch, run.now, all_leases_expired) for batch in ctx.store.find_unfinished())
     return ReconcileReport(
         requeued=run.counts["requeued"],
@@ -207,9 +202,6 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
         batches_settled=settled,
         finishes_requeued=finishes,
     )
-
-
-_ENDED_EARLY = frozenset({BatchStatus.CANCELLED, BatchStatus.FAILED})
 
 
 def _retry_finish(ctx: Context, seen: Batch, now: float, all_leases_expired: bool) -> bool:

@@ -64,6 +64,6 @@ def finish_task(batch: Batch) -> Task:
     reconciler re-enqueue (`finish_seq`)."""
     return Task(
         QueueName.EXPAND,
-        f"finish-{batch.batch_id}-c{batch.completions}-t{batch.finish_seq}",
+        f"finish-{batch.batch_id}-c{batch.completions}-r{batch.finish_seq}",
         {"batch_id": batch.batch_id, "step": "finish", "completion": batch.completions},
     )
