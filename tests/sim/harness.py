@@ -33,16 +33,16 @@ from werkzeug.test import EnvironBuilder
 from dicomflow import bootstrap, http
 from dicomflow.auth import LocalAuthenticator
 from dicomflow.config import Settings, load_settings
+from dicomflow.domain.bids_files import top_level_files
 from dicomflow.domain.dataset import short_digest
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import BATCH_FINAL, Batch, BatchStatus, Item, ItemState
+from dicomflow.domain.paths import display
 from dicomflow.domain.retry import CONTROL_POLICY
 from dicomflow.domain.series import SeriesKey
 from dicomflow.ports import Attempt, QueueName, StateStore
 from dicomflow.services.context import Context
-from dicomflow.domain.bids_files import top_level_files
-from dicomflow.domain.layout import Layout
-from dicomflow.domain.paths import display
 from dicomflow.services.finish import REPORT, dataset_info, planned_dataset
 from dicomflow.services.reconcile import convert_task_lost_after, expansion_stalled_after
 from tests.fakes.memory_store import MemoryStateStore

@@ -17,8 +17,8 @@ from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import BatchStatus, ItemState
 from dicomflow.ports import QueueName
-from tests.sim.faults import Rule
 from dicomflow.services.finish import planned_dataset
+from tests.sim.faults import Rule
 from tests.sim.harness import Run, Scenario, run_scenario
 
 pytestmark = pytest.mark.simulation

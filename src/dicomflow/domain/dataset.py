@@ -32,6 +32,8 @@ def short_digest(sha256: str) -> str:
 class Dataset:
     dest_key: str
     files: tuple[tuple[str, str], ...] = ()  # (name, short SHA-256), sorted
+    # (name, short SHA-256) of every write begun since the last recorded one: an attempt that died after
+    # writing left one of these on disk, and a later attempt may want other content for the same name.
     writing: tuple[tuple[str, str], ...] = ()
     lease_owner: str = ""
     lease_until: float | None = None
@@ -40,7 +42,7 @@ class Dataset:
     def owns(self, name: str, sha256: str) -> bool:
         """Whether the file `name` with this content is one the dataset wrote (or was about to write)."""
         digest = short_digest(sha256)
-        return dict(self.files).get(name) == digest or dict(self.writing).get(name) == digest
+        return dict(self.files).get(name) == digest or (name, digest) in self.writing
 
     def held_by(self, owner: str, now: float) -> bool:
         return self.lease_owner == owner and self.lease_until is not None and self.lease_until > now
@@ -49,7 +51,7 @@ class Dataset:
         return {
             "dest_key": self.dest_key,
             "files": dict(self.files),
-            "writing": dict(self.writing),
+            "writing": [{"name": n, "digest": d} for n, d in self.writing],
             "lease_owner": self.lease_owner,
             "lease_until": self.lease_until,
             "updated_at": self.updated_at,
@@ -61,7 +63,7 @@ class Dataset:
         return cls(
             dest_key=str(data["dest_key"]),
             files=tuple(sorted((str(k), str(v)) for k, v in (data.get("files") or {}).items())),
-            writing=tuple(sorted((str(k), str(v)) for k, v in (data.get("writing") or {}).items())),
+            writing=tuple(sorted((str(w["name"]), str(w["digest"])) for w in data.get("writing") or ())),
             lease_owner=str(data.get("lease_owner") or ""),
             lease_until=None if until is None else float(until),
             updated_at=float(data.get("updated_at") or 0.0),
@@ -91,8 +93,8 @@ def will_write(dataset: Dataset, owner: str, pending: Mapping[str, str], now: fl
     """Record what the writer is about to write (name → SHA-256), before it writes."""
     if not dataset.held_by(owner, now):
         return None
-    merged = dict(dataset.writing) | {name: short_digest(sha) for name, sha in pending.items()}
-    return replace(dataset, writing=tuple(sorted(merged.items())), updated_at=now)
+    merged = set(dataset.writing) | {(name, short_digest(sha)) for name, sha in pending.items()}
+    return replace(dataset, writing=tuple(sorted(merged)), updated_at=now)
 
 
 def wrote(

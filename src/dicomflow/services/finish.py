@@ -365,11 +365,22 @@ def _content(item: Item, original: str, output: PlannedOutput) -> bytes | None:
     return None if base is None else sidecar_text(base, output).encode("utf-8")
 
 
+def _extras(item: Item, index: Index) -> dict[str, dict[str, object]]:
+    """The sidecar keys the plan adds to the item's named outputs besides fieldmap links (a rule's keys,
+    TaskName, Units): recorded with the placement, because a placed output is not classified again."""
+    extras: dict[str, dict[str, object]] = {}
+    for output in item.outputs:
+        entry = index.get((item.item_id, output.original))
+        if entry is not None and _content(item, output.original, entry[0]) is not None:
+            updates = entry[0].sidecar_updates
+            extras[split_ext(output.original)[0]] = {k: v for k, v in updates.items() if k not in LINK_KEYS}
+    return extras
+
+
 def _moves(item: Item, index: Index) -> tuple[list[Move], dict[str, dict[str, object]]]:
     """What to do with each output of `item` for the plan (nothing when every file is where and what the
     plan says), and the sidecar keys its rules add (kept for the next plans)."""
     moves: list[Move] = []
-    extras: dict[str, dict[str, object]] = {}
     changed = False
     for output in item.outputs:
         entry = index.get((item.item_id, output.original))
@@ -378,15 +389,11 @@ def _moves(item: Item, index: Index) -> tuple[list[Move], dict[str, dict[str, ob
             continue
         planned, path = entry
         content = _content(item, output.original, planned)
-        if content is not None:
-            extras[split_ext(output.original)[0]] = {
-                k: v for k, v in planned.sidecar_updates.items() if k not in LINK_KEYS
-            }
         sha = hashlib.sha256(content).hexdigest() if content is not None else output.sha256
         size = len(content) if content is not None else output.size
         changed = changed or display(path) != output.name or sha != output.sha256
         moves.append((output, OutputFile(path, size, sha, origin=output.original), content))
-    return (moves if changed else []), extras
+    return (moves if changed else []), _extras(item, index)
 
 
 def _resume(writer: _Writer, item: Item, index: Index) -> Item:
@@ -397,7 +404,7 @@ def _resume(writer: _Writer, item: Item, index: Index) -> Item:
         entry = index.get((item.item_id, output.original))
         content = _content(item, output.original, entry[0]) if entry else None
         moves.append((output, target, content if target.sha256 != output.sha256 else None))
-    return writer.place(item, moves, item.facts.extras)
+    return writer.place(item, moves, _extras(item, index))
 
 
 @dataclass(frozen=True, slots=True)
