@@ -20,6 +20,7 @@ import click
 from dicomflow.cli_bids import build_layout, layout_options
 from dicomflow.config import Mode, Settings, describe, load_settings
 from dicomflow.domain.failures import DicomflowError
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import Location, parse_location
 from dicomflow.domain.model import BatchStatus, ItemState
 from dicomflow.domain.series import ConversionOptions
@@ -723,40 +724,57 @@ def auth(client_secrets: Path, token_path: Path, no_browser: bool) -> None:
 @main.command()
 @click.option(
     "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-    show_default=True, help="Where to write the sample DICOM archive (dicom/) and its conversion (nifti/).",
+    show_default=True, help="Where to write the sample DICOM archive (dicom/), its conversion (nifti/) and its "
+    "BIDS version (bids/).",
 )  # fmt: skip
 @click.option("--workers", type=int, help=describe("workers"))
 def demo(directory: Path, workers: int | None) -> None:
     """Generate a small realistic DICOM archive and convert it, end to end, on this machine.
 
     The archive holds nested and flat (PACS-export) layouts, 3D/4D/diffusion MR and CT series, one
-    series with a corrupt file and some non-DICOM files. The run must convert every good series and
-    dead-letter the corrupt one with its reason; the command checks that and exits 0 if so.
+    series with a corrupt file, some non-DICOM files, and one MR session with every kind of series a
+    BIDS dataset is made of. It is converted twice: mirrored (nifti/) and as a BIDS dataset with the
+    rules file a user would write for it (bids/, rules in bids-rules.json); each gets its report.html.
+    The runs must convert every good series and dead-letter the corrupt one with its reason; the command
+    checks that and exits 0 if so.
     """
-    from dicomflow import samples
-    from dicomflow.demo import check_demo_result
+    import shutil
+
+    from dicomflow import local_runtime, samples
+    from dicomflow.demo import check_bids_demo, check_demo_result
+    from dicomflow.samples_bids import BIDS_RULES, add_bids_session
 
     directory = directory.resolve()
-    dicom, nifti = directory / "dicom", directory / "nifti"
-    if dicom.exists() or nifti.exists():
-        import shutil
-
-        shutil.rmtree(dicom, ignore_errors=True)
-        shutil.rmtree(nifti, ignore_errors=True)
+    dicom, nifti, bids, rules = directory / "dicom", directory / "nifti", directory / "bids", "bids-rules.json"
+    for folder in (dicom, nifti, bids):
+        shutil.rmtree(folder, ignore_errors=True)
     archive = samples.make_demo_archive(dicom)
+    session = add_bids_session(dicom)
+    (directory / rules).write_text(BIDS_RULES + "\n", encoding="utf-8")
     click.echo(f"sample archive written to {dicom}", err=True)
-    src, dst = _location(str(dicom), "source"), _location(str(nifti), "destination")
-    from dicomflow import local_runtime
+    src = _location(str(dicom), "source")
+    problems: list[str] = []
+    code = EXIT_OK
+    for target, layout in ((nifti, Layout()), (bids, Layout.bids(rules=json.loads(BIDS_RULES)))):
+        dst = _location(str(target), "destination")
+        settings = _settings(mode=Mode.LOCAL, workers=workers, state_path=str(local_runtime.default_state_path(dst)))
+        request = BatchRequest(sources=(src,), destination=dst, layout=layout)
 
-    settings = _settings(mode=Mode.LOCAL, workers=workers, state_path=str(local_runtime.default_state_path(dst)))
-    request = BatchRequest(sources=(src,), destination=dst)
-    code = _run_local(settings, lambda s: local_runtime.start_or_resume(s, request), False, False)
-    batch = _read_context(settings).store.list_batches(limit=1)[0]
-    problems = check_demo_result(archive, nifti, batch)
+        def start(local: Any, request: BatchRequest = request) -> tuple[Any, bool]:
+            return local_runtime.start_or_resume(local, request)
+
+        code = _run_local(settings, start, False, False)
+        batch = _read_context(settings).store.list_batches(limit=1)[0]
+        if layout.is_bids:
+            problems += check_bids_demo(session, bids, batch)
+        else:
+            problems += check_demo_result(archive, nifti, batch, extra_series=len(session.series))
     if problems:
         for problem in problems:
             click.echo(f"demo check failed: {problem}", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(
-        f"demo OK (dicomflow exit code {code}: the corrupt series was dead-lettered as expected); outputs in {nifti}"
+        f"demo OK (dicomflow exit code {code}: the corrupt series was dead-lettered as expected)\n"
+        f"  mirrored outputs: {nifti}  (QA report: {nifti / 'report.html'})\n"
+        f"  BIDS dataset:     {bids}  (QA report: {bids / 'report.html'}; rules: {directory / rules})"
     )

@@ -91,6 +91,7 @@ class BatchSummary:
     finished_at: float | None = None
     files_seen: int = 0
     files_ignored: int = 0
+    failure: str = ""  # why the batch failed (its source could not be expanded), in plain language
 
 
 def incomplete_flags(warnings: Sequence[str]) -> tuple[str, ...]:
@@ -153,7 +154,8 @@ def _totals(summary: BatchSummary, series: Sequence[ReportSeries]) -> str:
     work = sum(s.seconds for s in series)
     rows = [
         ("Batch", f"<code>{_e(summary.batch_id)}</code>"),
-        ("Status", _e(summary.status)),
+        ("Status", _e(summary.status) + (f'<br><span class="dead">{_e(summary.failure)}</span>'
+                                          if summary.failure else "")),
         ("Layout", _e(summary.layout)),
         ("Series", f'{summary.series_total}: <span class="ok">{summary.succeeded} converted</span>, '
          f'<span class="skip">{summary.skipped} skipped</span>, '

@@ -71,10 +71,11 @@ def parse_subjects_csv(text: str) -> dict[str, Labels]:
     Folders are relative to the source root, '/'-separated. Errors name the line.
     """
     mapping: dict[str, Labels] = {}
-    rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
-    if rows and rows[0][0].strip().lower() in _HEADER_WORDS:
+    reader = csv.reader(io.StringIO(text))
+    rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    if rows and rows[0][1][0].strip().lower() in _HEADER_WORDS:
         rows = rows[1:]
-    for line_no, row in enumerate(rows, start=1):
+    for line_no, row in rows:  # the line of the file, as an editor numbers it
         where = f"subjects line {line_no}"
         cells = [cell.strip() for cell in row]
         if len(cells) not in (2, 3) or not cells[0] or not cells[1]:

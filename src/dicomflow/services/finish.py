@@ -498,7 +498,8 @@ def _report(ctx: Context, batch_id: str, plan: DatasetPlan | None) -> str:
     c = batch.counters
     summary = BatchSummary(batch_id, batch.label, batch.status.value, batch.layout.kind, c.series_total,
                            c.succeeded, c.skipped, c.dead_lettered, batch.created_at, batch.finished_at,
-                           batch.files_seen, batch.files_ignored)  # fmt: skip
+                           batch.files_seen, batch.files_ignored,
+                           batch.failure.reason if batch.failure else "")  # fmt: skip
     return render(summary, series)
 
 
