@@ -13,6 +13,9 @@ Cloud Scheduler, and at start-up by local mode.
 - `expanding` untouched for longer than the expand queue's retry window: its tasks were dropped; the
   expansion restarts in a new epoch (new task names), and the batch fails after MAX_RESTARTS.
 - `running` (or completed) batches get the status their counters call for.
+- a final batch whose finish step (report.html, BIDS placement: services/finish.py) is still owed after the
+  expand queue's retry window gets a new finish task (its task was dropped, or never created); at local
+  start-up at once, with the destination's lease freed (no other process can hold it then).
 
 Every transition is conditional on the snapshot the reconciler read (the item's `rev`), so acting on an
 old query result changes nothing (DESIGN.md invariant 8). The waiting periods are derived from the
