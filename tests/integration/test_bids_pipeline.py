@@ -292,3 +292,33 @@ def test_every_batch_writes_its_report_in_the_mirror_layout_too(tmp_path: Path) 
     assert len(page.images) == 1 and "sub-01/t1/1_T1w_MPRAGE.nii.gz" in " ".join(page.text)
     assert batch.report_ref == str(dest.root / REPORT) and not batch.finish_pending
     shutil.rmtree(dest.root / "sub-01")
+
+
+def test_converting_again_with_force_keeps_every_name_and_the_older_records_let_go(tmp_path: Path) -> None:
+    source = tmp_path / "dicom"
+    for number in (3, 5):
+        write_series(source / "sub-01" / "ses-1" / f"t1_{number}", SeriesSpec(kind="mr3d", series_number=number,
+                     slices=6), seed=number)  # fmt: skip
+    dest = Destination(tmp_path / "bids", source, tmp_path / "state" / "state.sqlite")
+    first = dest.convert(Layout.bids())
+    ctx = dest.context()
+    try:
+        request = BatchRequest(sources=(parse_location(str(source), field="s"),),
+                               destination=parse_location(str(dest.root), field="d"), force=True,
+                               layout=Layout.bids())  # fmt: skip
+        again = submit(ctx, request).batch
+        assert isinstance(ctx.queue, InlineQueue)
+        ctx.queue.drain(ctx)
+        key = Location(LocationKind.LOCAL, str(dest.root)).key
+        records = ctx.store.list_destination_items(key, limit=100)
+        older = [i for i in records if i.batch_id == first.batch_id]
+    finally:
+        ctx.close()
+    after = files_of(dest.root)
+    names = sorted(n for n in after if n.endswith(".nii.gz"))
+    assert names == sorted(n for n in dest.snapshots[0] if n.endswith(".nii.gz"))  # same names, same runs
+    assert names == ["sub-01/ses-1/anat/sub-01_ses-1_acq-tfl3_run-1_T1w.nii.gz",
+                     "sub-01/ses-1/anat/sub-01_ses-1_acq-tfl3_run-2_T1w.nii.gz"]  # fmt: skip
+    assert len(older) == 2 and all(i.outputs == () for i in older)  # they claim nothing any more
+    current = {o.name: o.sha256 for i in records if i.batch_id == again.batch_id for o in i.outputs}
+    assert {n: h for n, h in after.items() if n in current} == current and len(current) == 4
