@@ -39,7 +39,7 @@ from dicomflow.ports import Attempt, HeartbeatHandle, QueueName, Task
 from dicomflow.services.context import Context, event
 from dicomflow.services.outputs import finalize
 from dicomflow.services.progress import maybe_complete
-from dicomflow.services.staging import collect_facts, output_dir
+from dicomflow.services.staging import collect_facts, describe_images, output_dir
 
 # A series needs its DICOM files and dcm2niix's output on disk at once; on Cloud Run the disk is RAM
 # (GCP_FACTS gotcha 18). NIfTI is about the size of the uncompressed pixel data, so budget the input
@@ -277,11 +277,12 @@ def _convert_claimed(
             return _finish(ctx, item, skip_reason=classified.skip_reason, warnings=warnings)
         # --layout bids orders and spaces series by acquisition: read before the profile drops the times.
         acquired = ctx.deidentifier.acquisition_offset(input_dir, run.outputs) if item.layout == "bids" else None
+        images = describe_images(ctx, run.outputs)  # for the report; before compression: three slices read
         # Downloaded inputs are no longer needed: free the space before uploading (on Cloud Run it is
         # memory). Only our own scratch folder is removed, never a source folder used in place.
         shutil.rmtree(work / "in", ignore_errors=True)
         shareable = ctx.deidentifier.apply(run.outputs, identifiers, compress=batch.options.compress)
-        facts = collect_facts(ctx, item, shareable, acquired)
+        facts = collect_facts(item, images, shareable, acquired)
         budget.remaining("uploading")
         sink = ctx.sink_for(batch.destination)
         rel_dir = output_dir(item)  # BIDS: staged, then named by the batch's finish step

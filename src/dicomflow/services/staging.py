@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
+from dicomflow.domain.bids import split_ext
 from dicomflow.domain.facts import MAX_THUMBNAILS, OutputImage, SeriesFacts
 from dicomflow.domain.model import Item
 from dicomflow.domain.paths import join
@@ -33,17 +35,28 @@ def output_dir(item: Item) -> str:
     return staging_dir(item) if item.layout == "bids" else item.rel_dir
 
 
-def collect_facts(ctx: Context, item: Item, outputs: Sequence[Path], acquired_at: float | None) -> SeriesFacts:
-    """Images for the report (every layout); published sidecars and the acquisition offset for BIDS."""
+def describe_images(ctx: Context, outputs: Sequence[Path]) -> tuple[OutputImage, ...]:
+    """What the report shows of each NIfTI output, read before the profile compresses them (an
+    uncompressed image is read three slices at a time, not whole)."""
     images: list[OutputImage] = []
     for path in [p for p in outputs if p.name.endswith((".nii.gz", ".nii"))][:MAX_THUMBNAILS]:
         image = ctx.inspector.describe(path)
         if image is not None:
             images.append(image)
+    return tuple(images)
+
+
+def collect_facts(
+    item: Item, images: Sequence[OutputImage], published: Sequence[Path], acquired_at: float | None
+) -> SeriesFacts:
+    """The facts of a conversion: images by the names they are published under; for BIDS, the published
+    sidecars and the acquisition offset."""
+    names = {split_ext(p.name)[0]: p.name for p in published}
+    named = tuple(replace(i, file=names.get(split_ext(i.file)[0], i.file)) for i in images)
     if item.layout != "bids":
-        return SeriesFacts(tuple(images))
+        return SeriesFacts(named)
     sidecars = {}
-    for path in outputs:
+    for path in published:
         if path.name.endswith(".json"):
             try:
                 sidecar = json.loads(path.read_text(encoding="utf-8"))
@@ -51,4 +64,4 @@ def collect_facts(ctx: Context, item: Item, outputs: Sequence[Path], acquired_at
                 continue  # the plan sets the output aside: "dcm2niix could not tell what kind of image"
             if isinstance(sidecar, dict):
                 sidecars[path.name.removesuffix(".json")] = sidecar
-    return SeriesFacts(tuple(images), sidecars, acquired_at)
+    return SeriesFacts(named, sidecars, acquired_at)
