@@ -188,16 +188,16 @@ def test_a_placement_is_recorded_before_files_move_and_only_its_own_completion_r
     targets = (OutputFile("sub-01/anat/sub-01_run-1_T1w.nii.gz", 10, "aa", origin="1_t1.nii.gz"),)
     item = _item(staged)
     assert item.subject == "01" and item.session == ""
-    begun = model.begin_placement(item, targets, 1.0)
+    begun = ds.begin_placement(item, targets, 1.0)
     assert begun is not None and begun.placing == targets and begun.outputs == staged
-    assert model.begin_placement(begun, targets, 2.0) is None  # one placement at a time
+    assert ds.begin_placement(begun, targets, 2.0) is None  # one placement at a time
     other = (OutputFile("elsewhere.nii.gz", 10, "aa"),)
-    assert model.placed(begun, other, other, {}, 3.0) is None  # not the placement recorded
-    done = model.placed(begun, targets, targets, {"1_t1": {"TaskName": "x"}}, 3.0)
+    assert ds.placed(begun, other, other, {}, 3.0) is None  # not the placement recorded
+    done = ds.placed(begun, targets, targets, {"1_t1": {"TaskName": "x"}}, 3.0)
     assert done is not None and done.outputs == targets and not done.placing
     assert done.facts.extras == {"1_t1": {"TaskName": "x"}} and done.outputs[0].original == "1_t1.nii.gz"
-    gone = model.superseded(done, 4.0)
-    assert gone is not None and gone.outputs == () and model.superseded(gone, 5.0) is None
+    gone = ds.superseded(done, 4.0)
+    assert gone is not None and gone.outputs == () and ds.superseded(gone, 5.0) is None
     restored = codec.item_from_dict(json.loads(json.dumps(codec.item_to_dict(begun))))
     assert restored == begun
 

@@ -13,6 +13,9 @@ small whatever the number of sessions); `writing` what the writer is about to wr
 writes, so a writer that dies between writing and recording still recognises its own file next time. A
 file whose content is neither (a user edited dataset_description.json to add Authors) is the user's
 and is left alone.
+
+The series' own files are placed by the same writer: `begin_placement`, `placed` and `superseded` are
+the item transitions it makes (recorded before and after the files move).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
+
+from dicomflow.domain.model import Item, ItemState, OutputFile
 
 DIGEST_CHARS: Final = 16  # 64 bits of SHA-256: enough to tell our file from an edited one
 
@@ -113,3 +118,36 @@ def free(dataset: Dataset, now: float) -> Dataset | None:
     if not dataset.lease_owner:
         return None
     return replace(dataset, lease_owner="", lease_until=None, updated_at=now)
+
+
+# --- a series' files placed under their BIDS names (the finish step, one writer per destination) -----
+
+
+def begin_placement(item: Item, targets: tuple[OutputFile, ...], now: float) -> Item | None:
+    """Record where each output of a succeeded series is about to go (before any file moves)."""
+    if item.state is not ItemState.SUCCEEDED or item.placing or targets == item.outputs:
+        return None
+    return replace(item, placing=targets, updated_at=now)
+
+
+def placed(
+    item: Item,
+    placing: tuple[OutputFile, ...],
+    done: tuple[OutputFile, ...],
+    extras: Mapping[str, Mapping[str, object]],
+    now: float,
+) -> Item | None:
+    """Every output is at the place recorded in `placing`: the series records them as they are now
+    (`done`, as the sink names them), and the sidecar keys its rules added (kept for the next writes)."""
+    if item.state is not ItemState.SUCCEEDED or not placing or item.placing != placing:
+        return None
+    facts = replace(item.facts, extras={k: dict(v) for k, v in extras.items()})
+    return replace(item, outputs=done, placing=(), facts=facts, updated_at=now)
+
+
+def superseded(item: Item, now: float) -> Item | None:
+    """A later conversion of the same series into the same destination holds its place now: this record
+    no longer claims any file there (the older files were replaced or removed first)."""
+    if item.state is not ItemState.SUCCEEDED or not (item.outputs or item.placing):
+        return None
+    return replace(item, outputs=(), placing=(), updated_at=now)

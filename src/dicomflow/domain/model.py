@@ -731,36 +731,3 @@ def retry_finish(batch: Batch, now: float, seen: Batch) -> Batch | None:
     if not batch.finish_pending or batch.finish_seq != seen.finish_seq or batch.completions != seen.completions:
         return None
     return replace(batch, finish_seq=batch.finish_seq + 1, updated_at=now)
-
-
-# --- placing a succeeded series' outputs under their BIDS names ---------------------------------------
-
-
-def begin_placement(item: Item, targets: tuple[OutputFile, ...], now: float) -> Item | None:
-    """Record where each output of a succeeded series is about to go (before any file moves)."""
-    if item.state is not ItemState.SUCCEEDED or item.placing or targets == item.outputs:
-        return None
-    return replace(item, placing=targets, updated_at=now)
-
-
-def placed(
-    item: Item,
-    placing: tuple[OutputFile, ...],
-    done: tuple[OutputFile, ...],
-    extras: Mapping[str, Mapping[str, object]],
-    now: float,
-) -> Item | None:
-    """Every output is at the place recorded in `placing`: the series records them as they are now
-    (`done`, as the sink names them), and the sidecar keys its rules added (kept for the next writes)."""
-    if item.state is not ItemState.SUCCEEDED or not placing or item.placing != placing:
-        return None
-    facts = replace(item.facts, extras={k: dict(v) for k, v in extras.items()})
-    return replace(item, outputs=done, placing=(), facts=facts, updated_at=now)
-
-
-def superseded(item: Item, now: float) -> Item | None:
-    """A later conversion of the same series into the same destination holds its place now: this record
-    no longer claims any file there (the older files were replaced or removed first)."""
-    if item.state is not ItemState.SUCCEEDED or not (item.outputs or item.placing):
-        return None
-    return replace(item, outputs=(), placing=(), updated_at=now)

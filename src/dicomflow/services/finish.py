@@ -204,7 +204,7 @@ class _Writer:
         targets = tuple(target for _, target, _ in moves)
         if item.placing != targets:
             item, began = ctx.update_item(
-                item.batch_id, item.item_id, lambda i: model.begin_placement(i, targets, ctx.clock())
+                item.batch_id, item.item_id, lambda i: ds.begin_placement(i, targets, ctx.clock())
             )
             if not began:
                 return item  # not a success any more, or another placement of it is recorded (resumed first)
@@ -225,7 +225,7 @@ class _Writer:
             )
             return item
         item, _ = ctx.update_item(
-            item.batch_id, item.item_id, lambda i: model.placed(i, placing, done, extras, ctx.clock())
+            item.batch_id, item.item_id, lambda i: ds.placed(i, placing, done, extras, ctx.clock())
         )
         return item
 
@@ -260,7 +260,7 @@ class _Writer:
         self.confirm()
         if doomed:
             self.sink.retract(self.dest, doomed, owner_key=item.item_id)
-        self.ctx.update_item(item.batch_id, item.item_id, lambda i: model.superseded(i, self.ctx.clock()))
+        self.ctx.update_item(item.batch_id, item.item_id, lambda i: ds.superseded(i, self.ctx.clock()))
 
     # --- dataset files ----------------------------------------------------------------------------------
 
