@@ -1,5 +1,6 @@
 # Firestore (native mode): batches/{batch_id}, batches/{id}/items/{item_id} (+ .../files/{n}),
-# batches/{id}/chunks/{n}, idempotency_keys/{hash}, channels/{channel_id}, pending_folders/{folder_id}.
+# batches/{id}/chunks/{n}, idempotency_keys/{hash}, channels/{channel_id}, pending_folders/{folder_id},
+# datasets/{destination key} (the writer's lease and the files report.html and BIDS datasets own).
 
 resource "google_firestore_database" "this" {
   project     = var.project_id
@@ -37,6 +38,12 @@ locals {
     items_dest_state_item = {
       collection = "items", scope = "COLLECTION_GROUP"
       fields     = [["dest_key", "ASCENDING"], ["state", "ASCENDING"], ["item_id", "ASCENDING"]]
+    }
+    # The finish step of a --layout bids batch plans the destination's dataset from every succeeded BIDS
+    # series of it, of any batch (dest_key ==, state ==, layout ==, paged by document name).
+    items_dest_state_layout = {
+      collection = "items", scope = "COLLECTION_GROUP"
+      fields     = [["dest_key", "ASCENDING"], ["state", "ASCENDING"], ["layout", "ASCENDING"]]
     }
     # Reconciler: items `running` whose lease expired (state ==, lease_until <).
     items_state_lease = {

@@ -31,6 +31,7 @@ from dicomflow.adapters.local.queue import Delivery, SqliteTaskQueue, TaskRunner
 from dicomflow.adapters.local.sqlite_store import SqliteStateStore
 from dicomflow.auth import Authenticator
 from dicomflow.config import Mode, Settings
+from dicomflow.domain.facts import OutputImage
 from dicomflow.domain.failures import ConfigError
 from dicomflow.domain.locations import LocationKind
 from dicomflow.domain.privacy import parse_extra_keys
@@ -40,6 +41,7 @@ from dicomflow.ports import (
     Deidentifier,
     HeaderScanner,
     Heartbeat,
+    ImageInspector,
     Sink,
     Source,
     StateStore,
@@ -70,6 +72,7 @@ def build(
     new_id: Callable[[int], str] | None = None,
     deidentifier: Deidentifier | None = None,
     authenticator: Authenticator | None = None,
+    inspector: ImageInspector | None = None,
 ) -> Context:
     clock = clock or time.time
     if settings.mode is Mode.LOCAL:
@@ -95,6 +98,7 @@ def build(
         work_dir=work_dir or _work_dir(settings),
         heartbeat=heartbeat or ThreadHeartbeat(),
         deidentifier=deidentifier or _deidentifier(settings),
+        inspector=inspector or _LazyInspector(),
         clock=clock,
         scan_parallelism=parallelism,
         change_feed=change_feed or (lambda: drive().change_feed()),
@@ -106,6 +110,16 @@ def build(
     if new_id is not None:
         ctx.new_id = new_id
     return ctx
+
+
+class _LazyInspector:
+    """nibabel and numpy are imported by the first worker that describes an image, not by every process
+    that builds a Context (`dicomflow status`, the API function)."""
+
+    def describe(self, path: Path) -> OutputImage | None:
+        from dicomflow.adapters.thumbnails import NiftiInspector
+
+        return NiftiInspector().describe(path)
 
 
 def _scanners(settings: Settings) -> dict[LocationKind, Callable[[], HeaderScanner]]:

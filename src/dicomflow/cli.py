@@ -18,8 +18,10 @@ from typing import Any, NoReturn
 
 import click
 
+from dicomflow.cli_bids import build_layout, layout_options
 from dicomflow.config import Mode, Settings, describe, load_settings
 from dicomflow.domain.failures import DicomflowError
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import Location, check_apart, parse_location
 from dicomflow.domain.model import BatchStatus, ItemState
 from dicomflow.domain.series import ConversionOptions
@@ -112,6 +114,7 @@ def main() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (for scripts).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output; only the summary.")
+@layout_options
 def convert(
     source: str,
     destination: str,
@@ -123,17 +126,20 @@ def convert(
     merge_2d: str,
     as_json: bool,
     quiet: bool,
+    **layout_args: Any,
 ) -> None:
     """Convert every DICOM series under SOURCE into NIfTI under DESTINATION, on this machine.
 
-    The output tree mirrors SOURCE's folders. Series already converted into DESTINATION with the same
-    files, converter and options are skipped (use --force to redo them); a series converted again
-    replaces the outputs it had. An interrupted run resumes where it stopped when the same command is
-    run again. The progress state is kept in DESTINATION/.dicomflow/ (or --state). SOURCE and
-    DESTINATION must not contain each other.
+    The output tree mirrors SOURCE's folders, or with --layout bids is a BIDS dataset (docs/bids.md).
+    Every run writes DESTINATION/report.html: a thumbnail of every image and every problem. Series
+    already converted into DESTINATION with the same files, converter and options are skipped (use
+    --force to redo them); a series converted again replaces the outputs it had. An interrupted run
+    resumes where it stopped when the same command is run again. The progress state is kept in
+    DESTINATION/.dicomflow/ (or --state). SOURCE and DESTINATION must not contain each other.
     """
     from dicomflow import local_runtime
 
+    layout, _ = build_layout(**layout_args)
     src = _location(source, "source")
     dst = _location(destination, "destination")
     try:
@@ -148,6 +154,7 @@ def convert(
         options=ConversionOptions(compress=not no_compress, merge_2d=merge_2d),
         label=label,
         force=force,
+        layout=layout,
     )
     sys.exit(_run_local(settings, lambda session: local_runtime.start_or_resume(session, request), as_json, quiet))
 
@@ -375,7 +382,7 @@ FINAL_STATUSES = ("completed", "completed_with_failures", "cancelled", "failed")
 def _watch_remote(api: Any, batch_id: str) -> dict[str, Any]:
     while True:
         data: dict[str, Any] = api.status(batch_id, page_size="1")
-        if data["status"] in FINAL_STATUSES:
+        if data["status"] in FINAL_STATUSES and not data.get("finishing"):  # report (and dataset) written
             return api.status(batch_id)  # type: ignore[no-any-return]
         c = data["counters"]
         eta = f", about {data['eta_seconds']:.0f} s left" if data.get("eta_seconds") else ""
@@ -423,15 +430,18 @@ def _remote_status(api: Any, batch_id: str | None, watch: bool, as_json: bool) -
 @click.option("--idempotency-key", default="", help="Repeat a submission safely: the same key returns the same batch.")
 @click.option("--wait", is_flag=True, help="Follow the batch until it finishes (like status --watch).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@layout_options
 def submit(
     source: tuple[str, ...], destination: str, api_url: str | None, label: str, force: bool, no_compress: bool,
-    merge_2d: str, idempotency_key: str, wait: bool, as_json: bool,
+    merge_2d: str, idempotency_key: str, wait: bool, as_json: bool, **layout_args: Any,
 ) -> None:  # fmt: skip
     """Submit SOURCE folder(s) for conversion into DESTINATION through the batch API (cloud mode).
 
     Folders are drive://FOLDER_ID, or local paths when the API runs in the dev stack
-    (`dicomflow dev`). The API answers at once; conversion continues in the cloud.
+    (`dicomflow dev`). The API answers at once; conversion continues in the cloud. With --layout bids
+    DESTINATION becomes a BIDS dataset (docs/bids.md); every batch writes DESTINATION/report.html.
     """
+    _, layout_body = build_layout(**layout_args)
     api = _api(api_url)
     if api is None:
         fail("submit needs the batch API: pass --api URL or set DICOMFLOW_API_URL (for a local run use convert)")
@@ -443,6 +453,8 @@ def submit(
         "label": label,
         "force": force,
     }
+    if layout_body is not None:
+        body["layout"] = layout_body
     try:
         accepted = api.submit(body, idempotency_key)
     except DicomflowError as exc:
@@ -716,9 +728,10 @@ def watch() -> None:
 @click.option("--state", "state_path", metavar="FILE", help=describe("state_path"))
 @click.option("--owner", default="", help="Without --api: record this e-mail as the owner of the watch's batches.")
 @API_OPTION
+@layout_options
 def watch_add(
     folder: str, destination: str, label: str, no_compress: bool, merge_2d: str, state_path: str | None, owner: str,
-    api_url: str | None,
+    api_url: str | None, **layout_args: Any,
 ) -> None:  # fmt: skip
     """Open a Drive changes channel for FOLDER. New uploads are converted once the folder has been quiet
     for DICOMFLOW_SETTLE_SECONDS; notifications go to DICOMFLOW_WEBHOOK_URL with a token of the channel's own.
@@ -731,10 +744,13 @@ def watch_add(
         return _location(text if "://" in text else f"drive://{text}", field)
 
     options = ConversionOptions(compress=not no_compress, merge_2d=merge_2d)
+    layout, layout_body = build_layout(**layout_args)
     api = _api(api_url)
     if api is not None:
         body = {"folder": as_drive(folder, "folder").uri, "destination": as_drive(destination, "destination").uri,
                 "options": options.to_dict(), "label": label}  # fmt: skip
+        if layout_body is not None:
+            body["layout"] = layout_body
         try:
             print_json(sys.stdout, api.add_watch(body))
         except DicomflowError as exc:
@@ -743,7 +759,7 @@ def watch_add(
     ctx = _watch_context(state_path)
     try:
         channel = add_watch(ctx, as_drive(folder, "folder"), as_drive(destination, "destination"), options, label,
-                            owner=owner.strip().lower())  # fmt: skip
+                            owner=owner.strip().lower(), layout=layout)  # fmt: skip
     except DicomflowError as exc:
         fail(exc.reason)
     print_json(sys.stdout, channel_summary(channel))
@@ -831,40 +847,57 @@ def auth(client_secrets: Path, token_path: Path, no_browser: bool) -> None:
 @main.command()
 @click.option(
     "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-    show_default=True, help="Where to write the sample DICOM archive (dicom/) and its conversion (nifti/).",
+    show_default=True, help="Where to write the sample DICOM archive (dicom/), its conversion (nifti/) and its "
+    "BIDS version (bids/).",
 )  # fmt: skip
 @click.option("--workers", type=int, help=describe("workers"))
 def demo(directory: Path, workers: int | None) -> None:
     """Generate a small realistic DICOM archive and convert it, end to end, on this machine.
 
     The archive holds nested and flat (PACS-export) layouts, 3D/4D/diffusion MR and CT series, one
-    series with a corrupt file and some non-DICOM files. The run must convert every good series and
-    dead-letter the corrupt one with its reason; the command checks that and exits 0 if so.
+    series with a corrupt file, some non-DICOM files, and one MR session with every kind of series a
+    BIDS dataset is made of. It is converted twice: mirrored (nifti/) and as a BIDS dataset with the
+    rules file a user would write for it (bids/, rules in bids-rules.json); each gets its report.html.
+    The runs must convert every good series and dead-letter the corrupt one with its reason; the command
+    checks that and exits 0 if so.
     """
-    from dicomflow import samples
-    from dicomflow.demo import check_demo_result
+    import shutil
+
+    from dicomflow import local_runtime, samples
+    from dicomflow.demo import check_bids_demo, check_demo_result
+    from dicomflow.samples_bids import BIDS_RULES, add_bids_session
 
     directory = directory.resolve()
-    dicom, nifti = directory / "dicom", directory / "nifti"
-    if dicom.exists() or nifti.exists():
-        import shutil
-
-        shutil.rmtree(dicom, ignore_errors=True)
-        shutil.rmtree(nifti, ignore_errors=True)
+    dicom, nifti, bids, rules = directory / "dicom", directory / "nifti", directory / "bids", "bids-rules.json"
+    for folder in (dicom, nifti, bids):
+        shutil.rmtree(folder, ignore_errors=True)
     archive = samples.make_demo_archive(dicom)
+    session = add_bids_session(dicom)
+    (directory / rules).write_text(BIDS_RULES + "\n", encoding="utf-8")
     click.echo(f"sample archive written to {dicom}", err=True)
-    src, dst = _location(str(dicom), "source"), _location(str(nifti), "destination")
-    from dicomflow import local_runtime
+    src = _location(str(dicom), "source")
+    problems: list[str] = []
+    code = EXIT_OK
+    for target, layout in ((nifti, Layout()), (bids, Layout.bids(rules=json.loads(BIDS_RULES)))):
+        dst = _location(str(target), "destination")
+        settings = _settings(mode=Mode.LOCAL, workers=workers, state_path=str(local_runtime.default_state_path(dst)))
+        request = BatchRequest(sources=(src,), destination=dst, layout=layout)
 
-    settings = _settings(mode=Mode.LOCAL, workers=workers, state_path=str(local_runtime.default_state_path(dst)))
-    request = BatchRequest(sources=(src,), destination=dst)
-    code = _run_local(settings, lambda s: local_runtime.start_or_resume(s, request), False, False)
-    batch = _read_context(settings).store.list_batches(limit=1)[0]
-    problems = check_demo_result(archive, nifti, batch)
+        def start(local: Any, request: BatchRequest = request) -> tuple[Any, bool]:
+            return local_runtime.start_or_resume(local, request)
+
+        code = _run_local(settings, start, False, False)
+        batch = _read_context(settings).store.list_batches(limit=1)[0]
+        if layout.is_bids:
+            problems += check_bids_demo(session, bids, batch)
+        else:
+            problems += check_demo_result(archive, nifti, batch, extra_series=len(session.series))
     if problems:
         for problem in problems:
             click.echo(f"demo check failed: {problem}", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(
-        f"demo OK (dicomflow exit code {code}: the corrupt series was dead-lettered as expected); outputs in {nifti}"
+        f"demo OK (dicomflow exit code {code}: the corrupt series was dead-lettered as expected)\n"
+        f"  mirrored outputs: {nifti}  (QA report: {nifti / 'report.html'})\n"
+        f"  BIDS dataset:     {bids}  (QA report: {bids / 'report.html'}; rules: {directory / rules})"
     )

@@ -2,7 +2,8 @@
 
 The shape of each NIfTI is read from its header (no extra dependency), so the demo proves more than
 "files exist": every good series became a volume of the right dimensions, the diffusion series got its
-.bval/.bvec, the corrupt series produced nothing, and the report-only series was skipped.
+.bval/.bvec, the corrupt series produced nothing, and the report-only series was skipped. The BIDS
+version of the archive must hold every series of its BIDS session under its expected name.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from dicomflow.domain.model import Batch
 from dicomflow.domain.series import safe_component
 from dicomflow.samples import DemoArchive, DemoSeries
+from dicomflow.samples_bids import BidsSession
 
 
 def nifti_shape(path: Path) -> tuple[int, ...]:
@@ -32,13 +34,14 @@ def expected_stem(series: DemoSeries) -> str:
     return f"{series.series_number}_{safe_component(series.series_description)}"
 
 
-def check_demo_result(archive: DemoArchive, nifti_root: Path, batch: Batch) -> list[str]:
+def check_demo_result(archive: DemoArchive, nifti_root: Path, batch: Batch, *, extra_series: int = 0) -> list[str]:
+    """`extra_series`: series added to the archive that all convert (the BIDS session of the demo)."""
     problems: list[str] = []
     converted = archive.with_outcome("convert")
     counters = batch.counters
     expected = {
-        "series_total": len(archive.series),
-        "succeeded": len(converted),
+        "series_total": len(archive.series) + extra_series,
+        "succeeded": len(converted) + extra_series,
         "skipped": len(archive.with_outcome("skip")),
         "dead_lettered": len(archive.with_outcome("fail")),
     }
@@ -65,6 +68,31 @@ def check_demo_result(archive: DemoArchive, nifti_root: Path, batch: Batch) -> l
         for extra in series.extra_outputs:
             if not (folder / f"{stem}.{extra}").exists():
                 problems.append(f"{series.label}: missing {stem}.{extra}")
+    if not (nifti_root / "report.html").is_file():
+        problems.append(f"no report.html in {nifti_root}")
+    return problems
+
+
+def check_bids_demo(session: BidsSession, bids_root: Path, batch: Batch) -> list[str]:
+    """The BIDS version of the archive: every series of the BIDS session under the name it must have, the
+    other subjects of the archive present, the top-level files and the report written."""
+    problems: list[str] = []
+    if batch.finish_pending or not batch.report_ref:
+        problems.append("the BIDS batch's report and dataset were not written")
+    prefix = bids_root / f"sub-{session.subject}" / f"ses-{session.session}"
+    for series in session.series:
+        for expected in series.expected:
+            datatype, name = expected.split("/")
+            path = prefix / datatype / f"sub-{session.subject}_ses-{session.session}_{name}.nii.gz"
+            if not path.is_file():
+                problems.append(f"{series.description}: missing {path.relative_to(bids_root)}")
+    for name in ("dataset_description.json", "participants.tsv", ".bidsignore", "README.md", "report.html"):
+        if not (bids_root / name).is_file():
+            problems.append(f"missing {name} in {bids_root}")
+    participants = (bids_root / "participants.tsv").read_text() if (bids_root / "participants.tsv").is_file() else ""
+    for subject in ("01", "02", "03", session.subject):
+        if f"sub-{subject}\n" not in participants:
+            problems.append(f"participants.tsv does not list sub-{subject}")
     return problems
 
 

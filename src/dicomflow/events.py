@@ -15,6 +15,8 @@ class Event(StrEnum):
     BATCH_FAILED = "batch_failed"
     BATCH_COMPLETED = "batch_completed"
     BATCH_CANCELLED = "batch_cancelled"
+    BATCH_FINISHED = "batch_finished"  # its report (and, for --layout bids, its dataset) is written
+    DATASET_FILE_KEPT = "dataset_file_kept"  # a top-level file someone edited is left as they made it
     SERIES_SUCCEEDED = "series_succeeded"
     SERIES_SKIPPED = "series_skipped"
     SERIES_ATTEMPT_FAILED = "series_attempt_failed"

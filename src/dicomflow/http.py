@@ -36,6 +36,7 @@ from dicomflow.domain.failures import (
     StorageQuotaExceeded,
     Unauthenticated,
 )
+from dicomflow.domain.layout import layout_from_json
 from dicomflow.domain.locations import Location, LocationKind, parse_location
 from dicomflow.domain.model import Item, ItemState
 from dicomflow.domain.paths import display
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 MAX_BODY_BYTES = 1024 * 1024
 MAX_IDEMPOTENCY_KEY = 255
-_BATCH_FIELDS = {"source", "destination", "options", "label", "force"}
+_BATCH_FIELDS = {"source", "destination", "options", "label", "force", "layout"}
 _OPTION_FIELDS = {"compress", "merge_2d"}
 ContextProvider = Callable[[], Context]
 
@@ -208,7 +209,10 @@ def parse_batch_request(body: Any, *, allow_local: bool) -> BatchRequest:
         raise InvalidInput(f"must be one of {', '.join(ConversionOptions.MERGE_CHOICES)}", field="options.merge_2d")
     label = _expect(body.get("label", ""), str, "label", "a string")
     force = _expect(body.get("force", False), bool, "force", "true or false")
-    return BatchRequest(sources, destination, ConversionOptions(compress=compress, merge_2d=merge), label, force)
+    layout = layout_from_json(body.get("layout"))
+    return BatchRequest(
+        sources, destination, ConversionOptions(compress=compress, merge_2d=merge), label, force, layout
+    )
 
 
 def dispatch_deadline(settings: Settings, queue: QueueName) -> float:
@@ -367,7 +371,7 @@ def _location_fields(batch_request: BatchRequest) -> list[tuple[str, Location]]:
     return [*named, ("destination", batch_request.destination)]
 
 
-_WATCH_FIELDS = {"folder", "destination", "options", "label"}
+_WATCH_FIELDS = {"folder", "destination", "options", "label", "layout"}
 
 
 def _watches(ctx: Context, caller: Caller, endpoint: str, args: Mapping[str, Any], request: Request) -> Response:
@@ -394,8 +398,9 @@ def _watches(ctx: Context, caller: Caller, endpoint: str, args: Mapping[str, Any
         {"source": folder.uri, "destination": destination.uri, "options": body.get("options", {})}, allow_local=False
     ).options
     label = _expect(body.get("label", ""), str, "label", "a string")
+    layout = layout_from_json(body.get("layout"))
     access.check_locations(ctx, caller, [("folder", folder), ("destination", destination)])
-    channel = add_watch(ctx, folder, destination, options, label, owner=caller.owner)
+    channel = add_watch(ctx, folder, destination, options, label, owner=caller.owner, layout=layout)
     return json_response(channel_summary(channel), status=201)
 
 
@@ -430,6 +435,10 @@ def _batch_json(batch: Any) -> dict[str, Any]:
         "files_ignored": batch.files_ignored,
         "failure": batch.failure.to_dict() if batch.failure else None,
         "owner": batch.owner,
+        "layout": batch.layout.summary(),
+        # Final, and its report (and BIDS dataset) not written yet: a client waiting for the outputs waits on.
+        "finishing": batch.finish_pending,
+        "report_ref": batch.report_ref,
     }
 
 

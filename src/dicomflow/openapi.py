@@ -66,8 +66,59 @@ def document() -> dict[str, Any]:
             "files_ignored": {"type": "integer", "description": "files that were not DICOM images"},
             "failure": {"$ref": "#/components/schemas/Failure"},
             "owner": {"type": "string", "description": "e-mail of the caller who submitted it"},
+            "layout": {"$ref": "#/components/schemas/LayoutSummary"},
+            "finishing": {
+                "type": "boolean",
+                "description": "final, but its report.html (and, for the bids layout, its dataset files) not yet "
+                "written: wait while true to read the outputs",
+            },
+            "report_ref": {"type": "string", "description": "the batch's report.html: a Drive file id or local path"},
         },
         "required": ["batch_id", "status", "counters"],
+    }
+    label_pattern = "^(sub-|ses-)?[A-Za-z0-9]+$"
+    layout = {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "How outputs are laid out (docs/bids.md): a mirror of the source folders (default), or a "
+        "BIDS dataset with subject/session labels from `sub-`/`ses-` folders, `subject`/`session`, or `subjects`.",
+        "properties": {
+            "kind": {"type": "string", "enum": ["mirror", "bids"], "default": "mirror"},
+            "subject": {"type": ["string", "null"], "pattern": label_pattern, "description": "one-subject source"},
+            "session": {"type": ["string", "null"], "pattern": label_pattern},
+            "subjects": {
+                "type": "array",
+                "description": "source folder (relative to the source) -> subject[, session]",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["folder", "subject"],
+                    "properties": {
+                        "folder": {"type": "string", "minLength": 1},
+                        "subject": {"type": "string", "pattern": label_pattern},
+                        "session": {"type": ["string", "null"], "pattern": label_pattern},
+                    },
+                },
+            },
+            "rules": {
+                "type": "array",
+                "description": "the rules of a rules file (docs/bids.md): first match wins, overriding dcm2niix",
+                "items": {"type": "object"},
+            },
+            "fieldmaps": {"type": "string", "enum": ["intended_for", "b0field", "both"], "default": "intended_for"},
+        },
+    }
+    layout_summary = {
+        "type": "object",
+        "required": ["kind"],
+        "properties": {
+            "kind": {"type": "string", "enum": ["mirror", "bids"]},
+            "subject": {"type": ["string", "null"]},
+            "session": {"type": ["string", "null"]},
+            "subjects": {"type": "integer", "description": "rows of the subjects mapping (folders are not kept)"},
+            "rules": {"type": "array", "items": {"type": "string"}, "description": "rule ids"},
+            "fieldmaps": {"type": "string"},
+        },
     }
     item = {
         "type": "object",
@@ -320,6 +371,7 @@ def document() -> dict[str, Any]:
                         "options": {"$ref": "#/components/schemas/Options"},
                         "label": {"type": "string", "maxLength": 200},
                         "force": {"type": "boolean", "description": "convert again even if already converted"},
+                        "layout": {"$ref": "#/components/schemas/Layout"},
                     },
                 },
                 "Accepted": {
@@ -341,6 +393,7 @@ def document() -> dict[str, Any]:
                         "destination": {"type": "string", "description": "drive://FOLDER_ID for the NIfTI"},
                         "options": {"$ref": "#/components/schemas/Options"},
                         "label": {"type": "string"},
+                        "layout": {"$ref": "#/components/schemas/Layout"},
                     },
                 },
                 "Watch": {
@@ -354,8 +407,11 @@ def document() -> dict[str, Any]:
                         "active": {"type": "boolean"},
                         "label": {"type": "string"},
                         "owner": {"type": "string"},
+                        "layout": {"$ref": "#/components/schemas/LayoutSummary"},
                     },
                 },
+                "Layout": layout,
+                "LayoutSummary": layout_summary,
                 "Counters": counters,
                 "Failure": failure,
                 "Batch": batch,

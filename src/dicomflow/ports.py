@@ -13,6 +13,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from dicomflow.domain.dataset import Dataset
+from dicomflow.domain.facts import OutputImage
 from dicomflow.domain.locations import Location
 from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState, OutputFile
 from dicomflow.domain.privacy import Identifiers
@@ -85,6 +87,17 @@ class Sink(Protocol):
         recorded bytes (never a file changed since, never a file of another series). Missing files are
         fine. Returns how many were removed."""
 
+    def move(self, location: Location, output: OutputFile, name: str, owner_key: str) -> OutputFile:
+        """Give the published file `output` (dicomflow wrote it for `owner_key`) the name `name` (a path
+        relative to `location`; folders are created), without copying it. Idempotent: when the file is
+        already there (a repeated or interrupted move) it is returned as it is. Raises SourceNotFound when
+        it is in neither place, DestinationConflict when `name` holds a file dicomflow did not write for
+        `owner_key`."""
+
+    def read(self, location: Location, name: str, owner_key: str) -> bytes | None:
+        """The content of the file `name` (relative to `location`), None if there is none: the one dicomflow
+        wrote for `owner_key` when there are several of that name (Drive), else any."""
+
 
 class HeaderScanner(Protocol):
     """Reads DICOM headers (not pixels) of many files, in parallel."""
@@ -134,6 +147,19 @@ class Deidentifier(Protocol):
     def apply(self, outputs: Sequence[Path], identifiers: Identifiers, *, compress: bool) -> tuple[Path, ...]:
         """Scrub the outputs in place (sidecars through the allow-list, NIfTI header text) and compress the
         NIfTI when asked; returns the files to publish (names may change: .nii becomes .nii.gz)."""
+
+    def acquisition_offset(self, input_dir: Path, outputs: Sequence[Path]) -> float | None:
+        """When the series was acquired, as seconds from the start of its study (StudyTime): the earliest
+        AcquisitionTime of dcm2niix's sidecars in `outputs` (read before `apply` removes it) minus the
+        StudyTime of the files in `input_dir`. A duration, never a time of day (it orders the series of a
+        BIDS session and spaces them in scans.tsv); None when either time is missing."""
+
+
+class ImageInspector(Protocol):
+    """What the QA report shows of a NIfTI output (nibabel): shape, voxel size, volumes, a thumbnail."""
+
+    def describe(self, path: Path) -> OutputImage | None:
+        """None when the file is not an image this can read."""
 
 
 class QueueName(StrEnum):
@@ -364,12 +390,26 @@ class StateStore(Protocol):
         """For these series, the largest file count any succeeded item of theirs had in this destination
         (series never converted there are absent)."""
 
-    def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
+    def recorded_outputs(self, dest_key: str, item_id: str, layout: str | None = None) -> set[tuple[str, str]]:
         """(name, sha256) of every output that a succeeded item of this series (any batch) records in this
-        destination: files no retraction may remove."""
+        destination: files no retraction may remove. With `layout`, only items of that layout kind."""
 
     def find_unretracted(self, limit: int = 500) -> list[Item]:
         """Final items without a success whose publish intent was not retracted yet."""
+
+    def list_destination_items(self, dest_key: str, after: str = "", limit: int = 200) -> list[Item]:
+        """Succeeded `--layout bids` items of this destination, of any batch: the series a BIDS dataset is
+        planned from. Ordered by (batch_id, item_id), starting after `after` ("batch_id/item_id")."""
+
+    def find_unfinished(self, limit: int = 500) -> list[Batch]:
+        """Final batches whose finish step has not run for their last completion (Batch.finish_pending)."""
+
+    # datasets (one record per destination: services/finish.py)
+    def get_dataset(self, dest_key: str) -> Dataset:
+        """The destination's dataset record; an empty one if it has none yet."""
+
+    def update_dataset(self, dest_key: str, change: Callable[[Dataset], Dataset | None]) -> tuple[Dataset, bool]:
+        """Apply `change` atomically to the dataset record (created from an empty one if absent)."""
 
     # expansion scratch space
     def put_chunks(self, chunks: Sequence[ExpansionChunk]) -> None:

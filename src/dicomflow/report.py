@@ -74,6 +74,7 @@ class ReportSeries:
     attempts: int = 0
     files: int = 0
     seconds: float = 0.0  # download + convert + upload
+    incomplete: bool = False  # dicomflow flagged the conversion as incomplete (missing slices or volumes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,7 @@ class BatchSummary:
     finished_at: float | None = None
     files_seen: int = 0
     files_ignored: int = 0
+    failure: str = ""  # why the batch failed (its source could not be expanded), in plain language
 
 
 def incomplete_flags(warnings: Sequence[str]) -> tuple[str, ...]:
@@ -152,7 +154,8 @@ def _totals(summary: BatchSummary, series: Sequence[ReportSeries]) -> str:
     work = sum(s.seconds for s in series)
     rows = [
         ("Batch", f"<code>{_e(summary.batch_id)}</code>"),
-        ("Status", _e(summary.status)),
+        ("Status", _e(summary.status) + (f'<br><span class="dead">{_e(summary.failure)}</span>'
+                                          if summary.failure else "")),
         ("Layout", _e(summary.layout)),
         ("Series", f'{summary.series_total}: <span class="ok">{summary.succeeded} converted</span>, '
          f'<span class="skip">{summary.skipped} skipped</span>, '
@@ -195,6 +198,8 @@ def _converted(series: Sequence[ReportSeries]) -> str:
     rows = []
     for s in series:
         flags = incomplete_flags(s.warnings)
+        if s.incomplete and not flags:
+            flags = ("dcm2niix reported missing slices or volumes: check the images",)
         notes = "".join(f'<li class="flag">{_e(f)}</li>' for f in flags)
         notes += "".join(f"<li>{_e(w)}</li>" for w in s.warnings)
         first = True

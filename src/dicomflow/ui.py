@@ -196,6 +196,8 @@ def summary_dict(report: Report) -> dict[str, Any]:
         "ignored_examples": list(batch.ignored_examples),
         "failure": report.failure.to_dict() if report.failure else None,
         "resume": report.resume_hint or None,
+        "layout": batch.layout.kind,
+        "report": batch.report_ref,
         "dead_letters": [
             _series(i)
             | {
@@ -245,6 +247,7 @@ def print_summary(out: IO[str], report: Report, elapsed: float | None = None) ->
         console.print(f"[yellow]interrupted: run the same command to resume[/yellow]{escape(report.resume_hint)}")
     if report.failure:
         console.print(f"[red]batch failed:[/red] {escape(report.failure.reason)}")
+    _print_report(console, batch.layout.kind, batch.destination.uri, batch.report_ref)
     _print_notes(console, report)
     _print_skipped(console, report)
     _print_ignored(console, batch)
@@ -338,6 +341,8 @@ def print_remote_summary(out: IO[str], data: dict[str, Any]) -> None:
             warnings = item.get("warnings") or [""]
             where = f"{_remote_label(item)} ({item.get('folder') or '.'})"
             console.print(f"  {flag}{escape(where)}: {escape(str(warnings[0]))}")
+    _print_report(console, (data.get("layout") or {}).get("kind", "mirror"), data["destination"],
+                  data.get("report_ref", ""))  # fmt: skip
     failures = data.get("failures") or []
     if failures:
         dead = Table(
@@ -355,3 +360,12 @@ def print_remote_summary(out: IO[str], data: dict[str, Any]) -> None:
 def _remote_label(item: dict[str, Any]) -> str:
     number = "" if item.get("series_number") is None else str(item["series_number"])
     return f"{number} {item.get('description', '')}".strip() or str(item["item_id"])
+
+
+def _print_report(console: Console, layout: str, destination: str, report_ref: str) -> None:
+    """Where the batch's QA report (and BIDS dataset) is."""
+    if layout == "bids":
+        console.print(f"BIDS dataset: {destination}")
+    if report_ref:
+        where = report_ref if report_ref.startswith("/") else f"report.html in {destination} (Drive file {report_ref})"
+        console.print(f"report: {where}")

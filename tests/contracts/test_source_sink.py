@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 
 from dicomflow.adapters.drive.connection import DriveConnection
 from dicomflow.adapters.local.files import LocalFolderSink, LocalFolderSource
-from dicomflow.domain.failures import DestinationConflict
+from dicomflow.domain.failures import DestinationConflict, SourceNotFound
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.series import FileRef
 from dicomflow.ports import Sink, SkippedFile, Source
@@ -198,3 +198,33 @@ def test_subfolders_are_created_once(sink_case: SinkCase) -> None:
     first = sink_case.sink.subfolder(sink_case.location, "Patient 7")
     again = sink_case.sink.subfolder(sink_case.location, "Patient 7")
     assert first == again and first != sink_case.location
+
+
+def test_a_published_file_moves_to_another_name_without_a_copy_and_a_repeated_move_finds_it(
+    sink_case: SinkCase, tmp_path: Path
+) -> None:
+    # The BIDS finish step: a staged output gets its BIDS name (services/finish.py).
+    contents = {"5_bold.nii.gz": b"voxels" * 500}
+    (staged,) = sink_case.sink.publish(sink_case.location, ".dicomflow/staging/k5", _outputs(tmp_path, contents), "k5")
+    target = "sub-01/func/sub-01_task-rest_run-1_bold.nii.gz"
+    moved = sink_case.sink.move(sink_case.location, staged, target, "k5")
+    assert (moved.name, moved.sha256, moved.size, moved.origin) == (target, staged.sha256, staged.size, "5_bold.nii.gz")
+    assert sink_case.read(target) == [contents["5_bold.nii.gz"]]
+    assert sink_case.read(".dicomflow/staging/k5/5_bold.nii.gz") == []  # moved, not copied
+    again = sink_case.sink.move(sink_case.location, staged, target, "k5")  # an interrupted step, retried
+    assert (again.name, again.sha256) == (target, staged.sha256) and sink_case.read(target) == [b"voxels" * 500]
+    assert sink_case.sink.read(sink_case.location, target, "k5") == contents["5_bold.nii.gz"]
+    assert sink_case.sink.read(sink_case.location, "sub-01/func/absent.json", "k5") is None
+    gone = replace(staged, name=".dicomflow/staging/k5/6_other.nii.gz", ref="", sha256="00" * 32)
+    with pytest.raises(SourceNotFound):
+        sink_case.sink.move(sink_case.location, gone, "sub-01/func/other.nii.gz", "k5")
+
+
+def test_a_move_never_replaces_a_file_dicomflow_did_not_write(sink_case: SinkCase, tmp_path: Path) -> None:
+    sink_case.plant("sub-02/anat/sub-02_T1w.json", b"someone's file")
+    (staged,) = sink_case.sink.publish(sink_case.location, "stage", _outputs(tmp_path, {"1.json": b"{}"}), "k6")
+    try:
+        sink_case.sink.move(sink_case.location, staged, "sub-02/anat/sub-02_T1w.json", "k6")
+    except DestinationConflict:
+        assert sink_case.location.kind is LocationKind.LOCAL  # a local name holds one file only
+    assert b"someone's file" in sink_case.read("sub-02/anat/sub-02_T1w.json")

@@ -279,6 +279,24 @@ def test_succeeded_file_counts_and_recorded_outputs_per_series_and_destination(s
     assert store.recorded_outputs(here.destination.key, small.item_id) == set()
 
 
+def test_recorded_outputs_of_one_layout(store: StateStore) -> None:
+    # The mirror layout replaces only its own earlier outputs of a series; a BIDS dataset's in the same
+    # destination are its finish step's (services/outputs.replace_earlier_outputs).
+    mirror, _ = store.create_batch(_batch("b1", dest="/out"))
+    bids, _ = store.create_batch(_batch("b2", dest="/out"))
+    (series,) = _items(mirror, 1)
+    (again,) = _items(bids, 1)
+    store.add_items([series, replace(again, layout="bids")])
+    flat = model.OutputFile("s0/0_T1w.nii.gz", 10, "ab" * 32)
+    named = model.OutputFile("sub-01/anat/sub-01_T1w.nii.gz", 10, "cd" * 32)
+    store.update_item("b1", series.item_id, lambda i: model.succeed(i, 1.0, (flat,), model.Timings(), ()))
+    store.update_item("b2", series.item_id, lambda i: model.succeed(i, 2.0, (named,), model.Timings(), ()))
+    key = mirror.destination.key
+    assert store.recorded_outputs(key, series.item_id) == {(flat.name, flat.sha256), (named.name, named.sha256)}
+    assert store.recorded_outputs(key, series.item_id, layout="mirror") == {(flat.name, flat.sha256)}
+    assert store.recorded_outputs(key, series.item_id, layout="bids") == {(named.name, named.sha256)}
+
+
 def test_a_changed_fingerprint_is_what_succeeded_fingerprints_sees(store: StateStore) -> None:
     # A redrive reads the series again (new files, new fingerprint); a superseded success is marked so it
     # no longer counts as converted. Each store must answer from the fingerprint as it is now.
@@ -438,3 +456,76 @@ def test_a_series_with_thousands_of_files_round_trips_and_can_change_its_files(s
     stored = store.get_item("b1", item.item_id)
     assert stored.files == fewer and stored.file_count == 2100
     assert [i.files for i in store.list_items("b1")] == [fewer]
+
+
+# --- what the finish step reads and writes (services/finish.py) --------------------------------------------
+
+
+def _succeeded_bids(item: model.Item, n: int) -> model.Item:
+    outputs = (model.OutputFile(f".dicomflow/staging/{item.item_id}/{n}_T1w.nii.gz", 10, "cd" * 32, "r"),)
+    facts = model.SeriesFacts(sidecars={f"{n}_T1w": {"BidsGuess": ["anat", "_T1w"], "ImageType": ["A", "B"]}},
+                              acquired_at=12.5)  # fmt: skip
+    return replace(item, layout="bids", subject="01", state=ItemState.SUCCEEDED, outputs=outputs, facts=facts)
+
+
+def test_destination_items_are_the_succeeded_bids_series_of_any_batch_in_pages(store: StateStore) -> None:
+    first, _ = store.create_batch(_batch("b1"))
+    second, _ = store.create_batch(_batch("b2", dest="/out"))
+    elsewhere, _ = store.create_batch(_batch("b3", dest="/other"))
+    a, b, c = (_items(first, 3)[n] for n in range(3))
+    store.add_items([_succeeded_bids(a, 0), _succeeded_bids(b, 1), c])  # c: pending, not counted
+    store.add_items([_succeeded_bids(i, 5) for i in _items(second, 2)])
+    store.add_items([replace(_succeeded_bids(_items(elsewhere, 1)[0], 7), dest_key=elsewhere.destination.key)])
+    mirror = replace(_items(second, 3)[2], state=ItemState.SUCCEEDED)  # a mirror series in the same place
+    store.add_items([mirror])
+    key = first.destination.key
+    pages, after = [], ""
+    while page := store.list_destination_items(key, after=after, limit=2):
+        pages.append(page)
+        after = f"{page[-1].batch_id}/{page[-1].item_id}"
+    found = [i for page in pages for i in page]
+    assert [(i.batch_id, i.item_id) for i in found] == sorted(
+        [("b1", a.item_id), ("b1", b.item_id), *[("b2", i.item_id) for i in _items(second, 2)]]
+    )
+    assert [len(page) for page in pages] == [2, 2]
+    by_id = {(i.batch_id, i.item_id): i for i in found}
+    assert by_id[("b1", a.item_id)] == _succeeded_bids(a, 0)  # sidecars and acquisition time round-trip
+
+
+def test_unfinished_batches_are_the_final_ones_owing_their_finish_step(store: StateStore) -> None:
+    for batch_id in ("b1", "b2", "b3"):
+        store.create_batch(_batch(batch_id))
+    done = Counters(series_total=0)
+    store.update_batch("b1", lambda b: replace(b, status=BatchStatus.RUNNING))
+    store.update_batch("b1", lambda b: model.settle(b, done, 5.0))  # final: owes its finish step
+    store.update_batch("b2", lambda b: model.cancel(b, 5.0))
+    store.update_batch("b2", lambda b: model.finish_done(b, 1, "/out/report.html", 6.0))  # finished
+    assert [b.batch_id for b in store.find_unfinished()] == ["b1"]
+    assert store.get_batch("b2").report_ref == "/out/report.html"
+
+
+def test_the_dataset_record_lets_one_writer_in_whatever_the_concurrency(store: StateStore) -> None:
+    from dicomflow.domain import dataset
+
+    assert store.get_dataset("k1") == dataset.Dataset("k1")
+    winners: list[str] = []
+    lock = threading.Lock()
+
+    def take(owner: str) -> None:
+        _, taken = store.update_dataset("k1", lambda d: dataset.take(d, owner, 100.0, 300.0))
+        if taken:
+            with lock:
+                winners.append(owner)
+
+    threads = [threading.Thread(target=take, args=(f"w{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(winners) == 1
+    (owner,) = winners
+    store.update_dataset("k1", lambda d: dataset.will_write(d, owner, {"a.tsv": "ab" * 32}, 101.0))
+    stored, changed = store.update_dataset("k1", lambda d: dataset.wrote(d, owner, {"a.tsv": "ab" * 32},
+                                                                          frozenset(), 102.0))  # fmt: skip
+    assert changed and store.get_dataset("k1") == stored and stored.owns("a.tsv", "ab" * 32)
+    assert store.get_dataset("k2") == dataset.Dataset("k2")  # one record per destination

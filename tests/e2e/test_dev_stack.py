@@ -245,3 +245,25 @@ def test_a_worker_killed_mid_series_is_finished_by_the_reconciler(
     (item,) = data["items"]
     assert item["state"] == "succeeded" and item["attempts"] == 2  # the killed attempt, then the reconciler's
     assert len(list((tmp_path / "out").rglob("*.nii.gz"))) == 1
+
+
+def test_a_bids_dataset_made_through_the_dev_stack_validates(
+    stack: tuple[devstack.DevStack, Interceptor], tmp_path: Path
+) -> None:
+    # Staged by the workers, placed by the expand function's finish step once the batch is final; the
+    # CLI's --wait follows the batch until its report and dataset are written.
+    from dicomflow.samples_bids import BIDS_RULES, add_bids_session
+    from tests.integration.test_bids_dataset import errors_of, validate
+
+    dev, _ = stack
+    add_bids_session(tmp_path / "dicom", subject="11", session="2")
+    (tmp_path / "rules.json").write_text(BIDS_RULES)
+    submitted = cli(dev, "submit", str(tmp_path / "dicom"), str(tmp_path / "bids"), "--layout", "bids", "--rules",
+                    str(tmp_path / "rules.json"), "--wait", "--json", home=tmp_path)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    data = json.loads(submitted.stdout)
+    assert data["status"] == "completed" and data["finishing"] is False and data["layout"]["kind"] == "bids"
+    assert data["report_ref"] == str(tmp_path / "bids" / "report.html")
+    assert errors_of(validate(tmp_path / "bids")) == []
+    assert (tmp_path / "bids" / "sub-11" / "ses-2" / "fmap" / "sub-11_ses-2_run-1_phasediff.json").is_file()
+    assert not (tmp_path / "bids" / ".dicomflow" / "staging").exists()

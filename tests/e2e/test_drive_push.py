@@ -223,7 +223,8 @@ def test_dev_stack_push_to_batch_with_faults(tmp_path: Path, tmp_path_factory: p
             batches: list[dict[str, Any]] = []
             while time.monotonic() < deadline:
                 batches = api.batches()
-                if batches and batches[0]["status"] in ("completed", "completed_with_failures"):
+                final = batches and batches[0]["status"] in ("completed", "completed_with_failures")
+                if final and not batches[0]["finishing"]:  # its report written too
                     break
                 time.sleep(0.5)
             fake.faults.clear()
@@ -231,7 +232,9 @@ def test_dev_stack_push_to_batch_with_faults(tmp_path: Path, tmp_path_factory: p
             assert batches[0]["status"] == "completed" and batches[0]["counters"]["succeeded"] == 1
             (mirror,) = fake.children(dest)
             assert mirror["name"] == "study-1"
-            assert sorted(f["name"] for f in fake.children(mirror["id"])) == ["1_CT_Head.json", "1_CT_Head.nii.gz"]
+            assert sorted(f["name"] for f in fake.children(mirror["id"])) == [
+                "1_CT_Head.json", "1_CT_Head.nii.gz", "report.html",  # the batch's QA report beside its outputs
+            ]  # fmt: skip
     finally:
         fake.stop()
 

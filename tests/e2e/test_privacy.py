@@ -85,13 +85,39 @@ def _without_local_paths(blob: bytes, root: Path) -> bytes:
     return re.sub(re.escape(str(root)).encode() + rb"[^\"'\n,\]]*", b"<local path>", blob)
 
 
-def test_no_identifier_leaves_a_local_conversion(tmp_path: Path) -> None:
+def _subjects_csv(path: Path, series: PlantedSeries, root: Path) -> list[str]:
+    """--layout bids: the first series' top folder (named by the patient's name and a date, as exports are)
+    mapped to a subject; the other series have no label and are set aside (unclassified/)."""
+    top = series.folder.relative_to(root).parts[0]
+    path.write_text(f"folder,subject\n{top},01\n")
+    rules = path.with_name("rules.json")  # matched on the scrubbed description: ep2d_bold_AP
+    rules.write_text(
+        json.dumps(
+            {
+                "rules": [
+                    {
+                        "id": "bold",
+                        "match": {"SeriesDescription": {"glob": "ep2d_bold*"}},
+                        "datatype": "func",
+                        "suffix": "bold",
+                        "entities": {"task": "rest"},
+                    }
+                ]
+            }
+        )
+    )
+    return ["--layout", "bids", "--subjects", str(path), "--rules", str(rules)]
+
+
+@pytest.mark.parametrize("layout", ["mirror", "bids"])
+def test_no_identifier_leaves_a_local_conversion(tmp_path: Path, layout: str) -> None:
     src, out = tmp_path / "Exams", tmp_path / "NIfTI"
     series = _archive(src)
     env = {**os.environ, "HOME": str(tmp_path)}
     dicomflow = str(Path(sys.executable).parent / "dicomflow")
-    result = subprocess.run([dicomflow, "convert", str(src), str(out), "--json"], capture_output=True, text=True,
-                            env=env, timeout=300, check=False)  # fmt: skip
+    extra = _subjects_csv(tmp_path / "subjects.csv", series[0], src) if layout == "bids" else []
+    result = subprocess.run([dicomflow, "convert", str(src), str(out), "--json", *extra], capture_output=True,
+                            text=True, env=env, timeout=300, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["counters"]["succeeded"] == 3
 
@@ -106,7 +132,12 @@ def test_no_identifier_leaves_a_local_conversion(tmp_path: Path) -> None:
         if path.is_file() and not path.name.endswith(("-wal", "-shm", ".lock")):
             haystacks[f"local state {path.name}"] = _without_local_paths(path.read_bytes(), src)
     assert _hits(_needles(series), haystacks) == []
-    assert {p.suffix for p in outputs if p.is_file()} >= {".gz", ".json"}  # outputs were there to search
+    assert {p.suffix for p in outputs if p.is_file()} >= {".gz", ".json", ".html"}  # outputs were there to search
+    if layout == "bids":  # the BIDS files were there to search too
+        names = {p.relative_to(out).as_posix() for p in outputs if p.is_file()}
+        assert {"participants.tsv", "sub-01/sub-01_scans.tsv", "dataset_description.json"} <= names
+        assert "sub-01/func/sub-01_task-rest_run-1_bold.nii.gz" in names
+        assert any(n.startswith("unclassified/") for n in names)  # the series without a subject label
 
     # The local state is private: the folder 0700, its files 0600.
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
@@ -168,33 +199,59 @@ def test_no_identifier_leaves_the_cloud_path(
     source = fake.add_folder("Exams", fake.root_id)
     drive.upload_tree(fake, tmp_path / "Exams", source)
     dest = fake.add_folder("NIfTI", fake.root_id)
+    bids_dest = fake.add_folder("BIDS", fake.root_id)
     project = emulators.unique_project()
     logs = tmp_path_factory.mktemp("logs")
     settings = load_settings(
         environ={}, mode="cloud", tasks_emulator_python=emulators.tasks_emulator_python(), retry_max_attempts=3,
         drive_endpoint=fake.base_url, drive_identity=drive.IDENTITY, drive_max_retry_sleep_seconds=0.1,
         dispatch_deadline_seconds=60, convert_timeout_seconds=30, work_dir=str(tmp_path / "work"),
-        access_grants=json.dumps({devstack.DEV_USER: [f"drive://{source}", f"drive://{dest}"]}),
+        access_grants=json.dumps({devstack.DEV_USER: [f"drive://{fake.root_id}"]}),
     )  # fmt: skip
     with devstack.dev_stack(settings, logs, firestore_host=emulators.firestore_host(), project=project) as dev:
-        api = ApiClient(dev.api_url, dev.token())
+        api = ApiClient(dev.api_url, dev.token())  # the stack verifies ID tokens like the cloud (issue 11)
         accepted = api.submit({"source": f"drive://{source}", "destination": f"drive://{dest}"})
-        deadline = time.monotonic() + 120
-        status: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            status = api.status(accepted["batch_id"], page_size="500")
-            if status["status"] in ("completed", "completed_with_failures"):
-                break
-            time.sleep(0.5)
+        status = _wait(api, accepted["batch_id"])
         assert status["status"] == "completed" and status["counters"]["succeeded"] == 3, status
+        # The same archive as a BIDS dataset, the first series' top folder mapped to a subject by its name.
+        top = series[0].folder.relative_to(tmp_path / "Exams").parts[0]
+        rule = {
+            "id": "bold",
+            "match": {"SeriesDescription": {"glob": "ep2d_bold*"}},
+            "datatype": "func",
+            "suffix": "bold",
+            "entities": {"task": "rest"},
+        }
+        layout = {"kind": "bids", "subjects": [{"folder": top, "subject": "01"}], "rules": [rule]}
+        bids = api.submit({"source": f"drive://{source}", "destination": f"drive://{bids_dest}", "layout": layout})
+        bids_status = _wait(api, bids["batch_id"])
+        assert bids_status["status"] == "completed" and not bids_status["finishing"], bids_status
         haystacks = {
             "api submit": json.dumps(accepted).encode(),
             "api status": json.dumps(status).encode(),
+            "api bids status": json.dumps(bids_status).encode(),
             "api list": json.dumps(api.batches()).encode(),
         }
         haystacks |= {f"firestore {k}": v for k, v in _firestore_documents(project).items()}
     haystacks |= {f"log {p.name}": p.read_bytes() for p in logs.iterdir() if p.is_file()}
     haystacks |= _drive_tree(fake, dest)
+    bids_tree = _drive_tree(fake, bids_dest)
+    assert any(k.endswith("/participants.tsv") for k in bids_tree) and any("/sub-01/func/" in k for k in bids_tree)
+    staged = [k for k in bids_tree if "/.dicomflow/staging/" in k and "content" in k]
+    assert any(k.endswith("/report.html") for k in bids_tree) and staged == []
+    haystacks |= {f"bids {k}": v for k, v in bids_tree.items()}
     assert any(k.startswith("firestore batches/") for k in haystacks) and any("drive content" in k for k in haystacks)
     assert _hits(_needles(series), haystacks) == []
     assert any(k.endswith(f"/3_{CLEAN}.nii.gz") for k in haystacks)  # the clean description survives on Drive
+
+
+def _wait(api: ApiClient, batch_id: str) -> dict[str, Any]:
+    """The batch's status once it is final and its finish step (report, BIDS placement) is done."""
+    deadline = time.monotonic() + 120
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = api.status(batch_id, page_size="500")
+        if status["status"] in ("completed", "completed_with_failures") and not status.get("finishing"):
+            break
+        time.sleep(0.5)
+    return status

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 from dicomflow.adapters import codec
+from dicomflow.domain.dataset import Dataset
 from dicomflow.domain.failures import Conflict, NotFound, PermanentError
 from dicomflow.domain.model import ACTIVE, Batch, BatchStatus, Counters, Item, ItemState
 from dicomflow.domain.series import ScanResult
@@ -44,6 +45,7 @@ class MemoryStateStore:
         self._chunks: dict[tuple[str, str, int], ExpansionChunk] = {}
         self._channels: dict[str, WatchChannel] = {}
         self._folders: dict[str, PendingFolder] = {}
+        self._datasets: dict[str, Dataset] = {}
         self.largest_document = 0
 
     def close(self) -> None:
@@ -189,13 +191,14 @@ class MemoryStateStore:
                         counts[i.item_id] = max(counts.get(i.item_id, 0), i.file_count)
         return counts
 
-    def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
+    def recorded_outputs(self, dest_key: str, item_id: str, layout: str | None = None) -> set[tuple[str, str]]:
         with self._lock:
             return {
                 (o.name, o.sha256)
                 for table in self._items.values()
                 for i in table.values()
                 if i.dest_key == dest_key and i.item_id == item_id and i.state is ItemState.SUCCEEDED
+                and layout in (None, i.layout)
                 for o in i.outputs
             }
 
@@ -203,6 +206,40 @@ class MemoryStateStore:
         with self._lock:
             found = [i for table in self._items.values() for i in table.values() if i.needs_retraction]
         return sorted(found, key=lambda i: i.updated_at)[:limit]
+
+    def list_destination_items(self, dest_key: str, after: str = "", limit: int = 200) -> list[Item]:
+        with self._lock:
+            found = sorted(
+                (
+                    i
+                    for table in self._items.values()
+                    for i in table.values()
+                    if i.dest_key == dest_key and i.state is ItemState.SUCCEEDED and i.layout == "bids"
+                ),
+                key=lambda i: (i.batch_id, i.item_id),
+            )
+        cursor = tuple(after.partition("/")[::2])
+        return [i for i in found if (i.batch_id, i.item_id) > cursor][:limit]
+
+    def find_unfinished(self, limit: int = 500) -> list[Batch]:
+        with self._lock:
+            found = [b for b in self._batches.values() if b.finish_pending]
+        return sorted(found, key=lambda b: b.updated_at)[:limit]
+
+    # --- datasets --------------------------------------------------------------------------------------
+
+    def get_dataset(self, dest_key: str) -> Dataset:
+        with self._lock:
+            return self._datasets.get(dest_key) or Dataset(dest_key)
+
+    def update_dataset(self, dest_key: str, change: Callable[[Dataset], Dataset | None]) -> tuple[Dataset, bool]:
+        with self._lock:
+            current = self.get_dataset(dest_key)
+            updated = change(current)
+            if updated is None:
+                return current, False
+            self._datasets[dest_key] = updated
+            return updated, True
 
     # --- expansion scratch ---------------------------------------------------------------------------
 

@@ -57,6 +57,8 @@ ITEM_QUERIES = {
     "reconciler: pending/retrying untouched since (state ==, updated_at <)": ({"state"}, "updated_at"),
     "reconciler: running with an expired lease (state ==, lease_until <)": ({"state"}, "lease_until"),
     "already converted (dest_key ==, state ==, fingerprint in)": ({"dest_key", "state"}, "fingerprint"),
+    # Three equalities paged by name: the third field's place in the index is what the check looks at.
+    "BIDS finish step: a destination's series (dest_key ==, state ==, layout ==)": ({"dest_key", "state"}, "layout"),
 }
 
 TTL_GROUPS = {"batches", "items", "files", "chunks", "idempotency_keys"}

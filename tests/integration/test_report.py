@@ -188,3 +188,26 @@ def test_a_mid_batch_report_lists_unfinished_series(tmp_path: Path) -> None:
     pending = ReportSeries("p1", "sub-01", 3, "bold", "MR", "running")
     html = render(BatchSummary("b", "", "running", "mirror", 1, 0, 0, 0), [pending])
     assert "Not finished (1)" in html and 'data-series="p1"' in html and "Converted series</h2><p>None." in html
+
+
+def test_thumbnails_read_the_same_planes_as_a_canonical_copy_of_the_whole_volume(converted: list[Converted]) -> None:
+    """The thumbnail reads three mid-slices from the file (not the volume): for every sample output —
+    sagittal, axial, oblique, 4D — they are the planes `as_closest_canonical` would give."""
+    import nibabel as nib
+    import numpy as np
+
+    from dicomflow.adapters.thumbnails import _canonical_plane, _canonical_zooms
+
+    checked = 0
+    for c in converted:
+        for path in (p for p in c.files if p.name.endswith(".nii.gz")):
+            img = nib.load(path)
+            canonical = nib.as_closest_canonical(img)
+            volume = np.asarray(canonical.dataobj[(slice(None),) * 3 + (0,) * (len(canonical.shape) - 3)])
+            nx, ny, nz = volume.shape
+            expected = (volume[nx // 2], volume[:, ny // 2], volume[:, :, nz // 2])
+            for axis, plane in enumerate(expected):
+                assert np.array_equal(_canonical_plane(img, axis), plane.astype(np.float64)), (path.name, axis)
+            assert _canonical_zooms(img) == pytest.approx(canonical.header.get_zooms()[:3])
+            checked += 1
+    assert checked >= 15

@@ -33,18 +33,33 @@ from werkzeug.test import EnvironBuilder
 from dicomflow import bootstrap, http
 from dicomflow.auth import LocalAuthenticator
 from dicomflow.config import Settings, load_settings
+from dicomflow.domain.bids_files import top_level_files
+from dicomflow.domain.dataset import short_digest
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import BATCH_FINAL, Batch, BatchStatus, Item, ItemState
+from dicomflow.domain.paths import display
 from dicomflow.domain.retry import CONTROL_POLICY
 from dicomflow.domain.series import SeriesKey
 from dicomflow.ports import Attempt, QueueName, StateStore
 from dicomflow.services.context import Context
+from dicomflow.services.finish import REPORT, dataset_info, planned_dataset
 from dicomflow.services.reconcile import convert_task_lost_after, expansion_stalled_after
 from tests.fakes.memory_store import MemoryStateStore
 from tests.sim.cloud_tasks import CloudTasksModel, QueueConfig
 from tests.sim.faults import FaultPlan, Faulty, FaultyQueue, Rule
 from tests.sim.kernel import Sim, SimEvent
-from tests.sim.world import MR, Archive, NoProfile, SimConverter, SimHeartbeat, SimScanner, SimSource, make_archive
+from tests.sim.world import (
+    MR,
+    Archive,
+    NoProfile,
+    SimConverter,
+    SimHeartbeat,
+    SimInspector,
+    SimScanner,
+    SimSource,
+    make_archive,
+)
 
 _CONVERT_TASK = re.compile(r"convert-(?P<batch>[A-Za-z0-9_]+)-(?P<item>[0-9a-f]{32})-g(?P<generation>\d+)-t\d+")
 RECONCILE_EVERY = 600.0  # Cloud Scheduler's period in infra/scheduler.tf
@@ -90,19 +105,21 @@ class Scenario:
     settings: dict[str, Any] = field(default_factory=dict)
     queue_exists: bool = True  # whether the queue can tell if a task exists (GetTask; the emulator cannot)
     convert_concurrency: int = 4
-    kinds: tuple[str, ...] = ()  # series kinds of the first source (default: drawn from the seed)
+    kinds: tuple[str, ...] = ()  # series kinds of every source (default: drawn from the seed)
     files: int = 0  # files per series (default: drawn from the seed)
     list_seconds: float = 0.0  # how long listing a source takes on top of the usual
     task_deadlines: dict[QueueName, float] | None = None  # what tasks carry (default: the settings')
     poll_seconds: float = STATUS_POLL  # how often the client reads the batch's status
     idempotency_keys: bool = True  # whether the client sends an Idempotency-Key (and repeats it on retries)
+    bids: tuple[bool, ...] = (False,)  # per batch: --layout bids (staged outputs placed by the finish step)
+    shared_destination: bool = False  # every batch converts into one destination (their finish steps meet)
 
     def describe(self) -> str:
         return (
             f"seed={self.seed} batches={self.batches} series={self.series} fault_rate={self.fault_rate:.3f} "
             f"duplicates={self.duplicate_rate:.2f} outages={self.outages} refusals={self.refusals:.2f} "
             f"cancel={self.cancel} redrive={self.redrive} same_source_twice={self.same_source_twice} "
-            f"queue_exists={self.queue_exists} rules={len(self.rules)}"
+            f"queue_exists={self.queue_exists} rules={len(self.rules)} bids={self.bids}"
         )
 
 
@@ -129,6 +146,7 @@ def random_scenario(seed: int) -> Scenario:
         same_source_twice=batches > 1 and rng.random() < 0.25,
         queue_exists=rng.random() < 0.7,
         convert_concurrency=rng.choice((1, 2, 4, 8)),
+        bids=tuple(rng.random() < 0.2 for _ in range(batches)),
     )
 
 
@@ -194,11 +212,12 @@ class Run:
                 continue
             ref = f"/sim/source-{n}"
             self.archives[ref] = make_archive(
-                sim, f"source-{n}", count, kinds=scenario.kinds if n == 0 else (), files=scenario.files,
+                sim, f"source-{n}", count, kinds=scenario.kinds, files=scenario.files,
                 list_seconds=scenario.list_seconds,
             )  # fmt: skip
             self.batch_sources.append(ref)
-        self.destinations = [str(self.dest_root / ("shared" if scenario.same_source_twice else f"d{n}"))
+        shared = scenario.same_source_twice or scenario.shared_destination
+        self.destinations = [str(self.dest_root / ("shared" if shared else f"d{n}"))
                              for n in range(scenario.batches)]  # fmt: skip
 
         inner: Any = Observed(store(sim.clock) if store else MemoryStateStore(sim.clock), self._transition)
@@ -237,6 +256,7 @@ class Run:
             heartbeat=SimHeartbeat(sim),
             new_id=sim.new_id,
             deidentifier=NoProfile(),
+            inspector=SimInspector(),
             authenticator=LocalAuthenticator(),  # it models delivery, not identity (tests/integration/test_access.py)
         )
         self.batch_ids: list[str | None] = [None] * scenario.batches
@@ -303,7 +323,10 @@ class Run:
 
     def client(self, n: int) -> None:
         sim = self.sim
-        body = {"source": self.batch_sources[n], "destination": self.destinations[n], "label": f"sim-{n}"}
+        body: dict[str, Any] = {"source": self.batch_sources[n], "destination": self.destinations[n],
+                                "label": f"sim-{n}"}  # fmt: skip
+        if n < len(self.scenario.bids) and self.scenario.bids[n]:
+            body["layout"] = {"kind": "bids"}
         headers = {"Idempotency-Key": f"sim-{self.scenario.seed}-{n}"} if self.scenario.idempotency_keys else {}
         sim.sleep(sim.rng.uniform(0, 120))
         batch_id = None
@@ -407,14 +430,11 @@ class Run:
             batch = self.inner.get_batch(batch_id)
             if not batch.is_final or batch.counters.finished != batch.counters.series_total:
                 return False
-        # Quiet means no handler or reconciler mid-way either, and no retraction left for the reconciler: a
-        # series it ends (a cancelled batch's) has its unrecorded outputs removed after the transition.
-        return (
-            self.model.pending() == 0
-            and self.model.in_flight() == 0
-            and not self._zombies()
-            and not self.inner.find_unretracted()
-        )
+        if self.inner.find_unretracted(limit=1):
+            return False  # an unrecorded publish not yet removed: the reconciler's next run retracts it
+        if self.inner.find_unfinished(limit=1):
+            return False  # a final batch whose report (and BIDS placement) is not written yet
+        return self.model.pending() == 0 and self.model.in_flight() == 0 and not self._zombies()
 
     def _zombies(self) -> bool:
         busy = ("handler:", "duplicate:", "api:", "cron:reconcile")
@@ -454,6 +474,9 @@ class Run:
         unretracted = self.inner.find_unretracted()
         if unretracted:
             lines.append(f"  {len(unretracted)} series still hold an unrecorded publish to retract")
+        unfinished = self.inner.find_unfinished()
+        if unfinished:
+            lines.append(f"  {len(unfinished)} final batches still owe their finish step (report, BIDS placement)")
         for batch_id in filter(None, self.batch_ids):
             batch = self.inner.get_batch(batch_id)
             items = self.inner.list_items(batch_id, limit=1000)
@@ -483,6 +506,28 @@ class Run:
                         recorded[(item.dest_key, output.name)] = (output.sha256, _who(item))
         for dest in sorted(set(self.destinations)):
             self._check_outputs(Path(dest), recorded)
+        for dest in sorted({d for n, d in enumerate(self.destinations) if n < len(self.scenario.bids)
+                            and self.scenario.bids[n] and self.batch_ids[n]}):  # fmt: skip
+            self._check_dataset(Path(dest))
+
+    def _check_dataset(self, dest: Path) -> None:
+        """A BIDS destination is what its records plan: every series at its planned names (none left
+        staged), and the top-level files written from the plan of every series, by whichever batch
+        finished last — never a stale writer's participants.tsv or scans.tsv."""
+        key = Location(LocationKind.LOCAL, str(dest)).key
+        plan = planned_dataset(self.ctx, key, Layout(kind="bids"))
+        planned = {(o.series_id, f.source): display(f.path) for o in plan.outputs for f in o.files}
+        for item in self.inner.list_destination_items(key, limit=10_000):
+            for output in item.outputs:
+                if output.name.startswith(".dicomflow/"):
+                    self.violations.append(f"{_who(item)} still records a staged output: {output.name}")
+                elif planned.get((item.item_id, output.original), output.name) != output.name:
+                    self.violations.append(f"{_who(item)} records {output.name}, planned as "
+                                           f"{planned[(item.item_id, output.original)]}")  # fmt: skip
+        for name, text in top_level_files(plan, dataset_info(self.ctx)).items():
+            path = dest / name
+            if not path.is_file() or path.read_text() != text:
+                self.violations.append(f"{dest.name}/{name} is not what the dataset's records call for")
 
     def _check_nothing_lost(self, batch: Batch, items: list[Item], archive: Archive) -> None:
         expected = {SeriesKey(s.uid, MR).item_id for s in archive.series}
@@ -496,6 +541,9 @@ class Run:
             )
 
     def _check_outputs(self, dest: Path, recorded: dict[tuple[str, str], tuple[str, str]]) -> None:
+        """Every file of the destination is a succeeded series' recorded output, or one its dataset record
+        owns (report.html, BIDS top-level files) — with the recorded content — and nothing else; staged
+        outputs (.dicomflow/staging) count as files, dicomflow's private state does not."""
         from dicomflow.adapters.local.files import sha256_file
 
         key = Location(LocationKind.LOCAL, str(dest)).key
@@ -504,8 +552,20 @@ class Run:
             present = {
                 p.relative_to(dest).as_posix(): p
                 for p in dest.rglob("*")
-                if p.is_file() and ".dicomflow" not in p.relative_to(dest).parts
+                if p.is_file()
+                and (
+                    ".dicomflow" not in p.relative_to(dest).parts
+                    or p.relative_to(dest).parts[:2] == (".dicomflow", "staging")
+                )
             }
+        owned = dict(self.inner.get_dataset(key).files)
+        if self.batch_ids and any(self.batch_ids) and REPORT not in owned:
+            self.violations.append(f"{dest.name} has no report.html recorded by its dataset")
+        for name, digest in sorted(owned.items()):
+            if name not in present:
+                self.violations.append(f"the dataset of {dest.name} records {name}, which is not there")
+            elif short_digest(sha256_file(present.pop(name))) != digest:
+                self.violations.append(f"{dest.name}/{name} differs from what its dataset record says")
         for name, path in sorted(present.items()):
             if (key, name) not in recorded:
                 self.violations.append(f"output {dest.name}/{name} is present but no succeeded series records it")

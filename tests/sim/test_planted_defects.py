@@ -190,3 +190,32 @@ def scenarios_item() -> Item:
                         ConversionOptions(), "", model.BatchStatus.RUNNING, 0.0, 0.0)  # fmt: skip
     group = SeriesGroup(SeriesKey("1.2", "1.2.840.10008.5.1.4.1.1.4"), (FileRef("a", "a", 1),), ("9",), "", 1, "MR", "")
     return model.new_item(batch, group, "fp", 0.0)
+
+
+def test_d16_fails_if_finish_steps_write_without_the_destinations_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomflow.domain import dataset
+
+    # Every writer "takes" the lease and keeps it, whoever holds it: two finish steps write at once.
+    monkeypatch.setattr(dataset, "take", lambda d, owner, now, seconds: replace(d, lease_owner=owner))
+    monkeypatch.setattr(dataset, "renew", lambda d, owner, now, seconds: d)
+    monkeypatch.setattr(dataset, "will_write", lambda d, owner, pending, now: d)
+    monkeypatch.setattr(dataset, "wrote", lambda d, owner, written, removed, now: dataset.Dataset(
+        d.dest_key, tuple(sorted({**dict(d.files), **{n: dataset.short_digest(v) for n, v in written.items()}}.items()))
+    ))  # fmt: skip
+    _fails(scenarios.test_d16_two_bids_batches_finishing_into_one_destination_take_turns)
+
+
+def test_d17_fails_if_a_finish_step_is_recorded_done_before_its_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomflow.services.finish as finish_module
+
+    original = finish_module._place_dataset
+
+    def done_first(writer: Any) -> Any:
+        batch = writer.batch
+        writer.ctx.store.update_batch(
+            batch.batch_id, lambda b: model.finish_done(b, b.completions, "", writer.ctx.clock())
+        )
+        return original(writer)
+
+    monkeypatch.setattr(finish_module, "_place_dataset", done_first)
+    _fails(scenarios.test_d17_a_finish_step_that_dies_half_way_is_completed_by_its_retry)

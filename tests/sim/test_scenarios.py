@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import pytest
 
+from dicomflow.domain.layout import Layout
+from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import BatchStatus, ItemState
 from dicomflow.ports import QueueName
+from dicomflow.services.finish import planned_dataset
 from tests.sim.faults import Rule
 from tests.sim.harness import Run, Scenario, run_scenario
 
@@ -252,3 +255,43 @@ def test_d15_an_expansion_longer_than_ten_minutes_is_not_redispatched(carry_dead
     expand_timeouts = [r for r in run.model.log if r.queue is QueueName.EXPAND and r.status == 504]
     assert bool(expand_timeouts) is (not carry_deadline)
     assert _batch(run).status is BatchStatus.COMPLETED  # the invariants hold either way
+
+
+# --- the finish step: report.html and BIDS placement, one writer per destination -------------------------
+
+
+def test_d16_two_bids_batches_finishing_into_one_destination_take_turns() -> None:
+    # Two --layout bids batches of different sources convert into one dataset (their sessions share
+    # labels: runs are numbered across both). The first finish step to start stalls on its first write
+    # for 10 minutes (a slow Drive, a GC pause) while its heartbeat keeps the destination's lease: the
+    # other must wait its turn, then rewrite the top-level files from every series of both.
+    run = run_scenario(
+        _scenario(
+            batches=2, series=(3, 3), bids=(True, True), shared_destination=True,
+            cancel=(False, False), redrive=(False, False),
+            rules=(Rule("sink.publish", "delay:600", process="handler:finish-"),),
+        )
+    )  # fmt: skip
+    finishes = [a for a in run.answers if a.queue is QueueName.EXPAND and a.task_id.startswith("finish-")]
+    assert any(a.status == 503 for a in finishes), "no finish step ever found the destination busy"
+    assert sum(a.outcome == "done" for a in finishes) >= 2
+    # (the harness checked that the files on disk are what this plan calls for)
+    key = Location(LocationKind.LOCAL, str(run.dest_root / "shared")).key
+    plan = planned_dataset(run.ctx, key, Layout(kind="bids"))
+    assert plan.subjects() == ("00", "01", "02")
+    assert max(int(dict(o.entities)["run"]) for o in plan.classified) == 2  # both batches' series, one numbering
+
+
+def test_d17_a_finish_step_that_dies_half_way_is_completed_by_its_retry() -> None:
+    # The finish step dies right after moving its second staged output (its lease stays until it expires,
+    # its task until its dispatch deadline): the retry takes over and completes the same placement.
+    run = run_scenario(
+        _scenario(
+            series=(3,), bids=(True,),
+            rules=(Rule("sink.move", "crash_after", process="handler:finish-", skip=1),),
+        )
+    )  # fmt: skip
+    assert any(f.call == "sink.move" and f.kind == "crash_after" for f in run.plan.injected), "no crash"
+    finishes = [a for a in run.answers if a.task_id.startswith("finish-")]
+    assert [a.outcome for a in finishes if a.status == 200][-1:] == ["done"]
+    assert all(not o.name.startswith(".dicomflow/") for i in _items(run) for o in i.outputs)

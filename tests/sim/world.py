@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicomflow.domain.facts import OutputImage
 from dicomflow.domain.failures import ConverterTimeout
 from dicomflow.domain.locations import Location
 from dicomflow.domain.privacy import Identifiers
@@ -199,7 +200,12 @@ class SimConverter:
         outputs = []
         for name in names:
             path = output_dir / name
-            path.write_text(f"{name}:{digest}\n")
+            if name.endswith(".json"):
+                # dcm2niix's sidecar, as far as --layout bids reads it: its guess names the series a T1w.
+                sidecar = {"BidsGuess": ["anat", "_acq-sim_T1w"], "SeriesNumber": spec.number, "digest": digest}
+                path.write_text(json.dumps(sidecar) + "\n")
+            else:
+                path.write_text(f"{name}:{digest}\n")
             outputs.append(path)
         console = f"Convert {len(refs)} DICOM as {output_dir / stem} (64x64x{len(refs)}x1)\n"
         return ConverterRun(0, tuple(sorted(outputs)), console, seconds)
@@ -216,6 +222,16 @@ class NoProfile:
 
     def apply(self, outputs: Sequence[Path], identifiers: Identifiers, *, compress: bool) -> tuple[Path, ...]:
         return tuple(outputs)
+
+    def acquisition_offset(self, input_dir: Path, outputs: Sequence[Path]) -> float | None:
+        return None  # series are ordered by SeriesNumber, as for a site that keeps no acquisition times
+
+
+class SimInspector:
+    """What the report shows of an image: fixed facts (the simulated outputs are not NIfTI)."""
+
+    def describe(self, path: Path) -> OutputImage | None:
+        return OutputImage(path.name, (4, 4, 4), (1.0, 1.0, 1.0), 1, b"sim-png", (1, 1))
 
 
 class _SimBeating:

@@ -35,7 +35,9 @@ def test_locally_the_reason_names_the_file_in_the_source_folder_used_in_place() 
     files = [FileRef(f"/data/Smith_John/ct/IM{n}.dcm", str(n + 1), 10) for n in range(3)]
     console = CONSOLE.format(folder="/data/Smith_John/ct", name="IM1.dcm")
     error = name_what_failed(_error(), console, Path("/data/Smith_John/ct"), files, names=True, scrub=_keep)
-    assert error.reason.endswith("dcm2niix said: File not large enough to store image data: /data/Smith_John/ct/IM1.dcm")
+    assert error.reason.endswith(
+        "dcm2niix said: File not large enough to store image data: /data/Smith_John/ct/IM1.dcm"
+    )
     assert str(error) == error.reason
 
 
@@ -49,7 +51,9 @@ def test_locally_a_linked_file_is_named_by_its_source_path() -> None:
 def test_in_the_cloud_the_reason_gives_position_and_drive_id_and_no_name() -> None:
     files = [FileRef(f"1AbCdEfGhIjK{n}", str(n + 1), 10) for n in range(3)]
     console = CONSOLE.format(folder="/tmp/dicomflow-work/series-1/in", name="000001.dcm")
-    error = name_what_failed(_error(), console, Path("/tmp/dicomflow-work/series-1/in"), files, names=False, scrub=_keep)
+    error = name_what_failed(
+        _error(), console, Path("/tmp/dicomflow-work/series-1/in"), files, names=False, scrub=_keep
+    )
     assert "store image data: file 2 of 3, Drive id 1AbCdEfGhIjK1" in error.reason
     assert "Smith" not in error.reason and "IM1" not in error.reason and "/tmp" not in error.reason
 

@@ -6,11 +6,14 @@ scan results, which nobody reads and which can number in the hundreds of thousan
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+from dicomflow.domain.facts import SeriesFacts
 from dicomflow.domain.failures import Failure
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import parse_location
 from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState, OutputFile, Timings
 from dicomflow.domain.privacy import DirScrub
@@ -51,6 +54,14 @@ def batch_to_dict(batch: Batch) -> dict[str, Any]:
         "redrives": batch.redrives,
         "expires_at": batch.expires_at,
         "owner": batch.owner,
+        "layout": batch.layout.to_dict(),
+        "completions": batch.completions,
+        "finished": batch.finished,
+        "finish_key": batch.finish_key,
+        "finish_seq": batch.finish_seq,
+        # Derived, for the reconciler's query of batches whose finish step has not run.
+        "finish_pending": batch.finish_pending,
+        "report_ref": batch.report_ref,
     }
 
 
@@ -80,6 +91,12 @@ def batch_from_dict(data: Mapping[str, Any], counters: Counters | None = None) -
         redrives=int(data.get("redrives", 0)),
         expires_at=_opt_float(data.get("expires_at")),
         owner=str(data.get("owner") or ""),
+        layout=Layout.from_dict(data.get("layout")),
+        completions=int(data.get("completions") or 0),
+        finished=int(data.get("finished") or 0),
+        finish_key=str(data.get("finish_key") or ""),
+        finish_seq=int(data.get("finish_seq") or 0),
+        report_ref=str(data.get("report_ref") or ""),
     )
 
 
@@ -119,6 +136,13 @@ def item_to_dict(item: Item, *, with_files: bool = True) -> dict[str, Any]:
         "publishing": [o.to_dict() for o in item.publishing],
         # Derived, for the reconciler's query (Firestore cannot filter on the length of a list).
         "needs_retraction": item.needs_retraction,
+        "layout": item.layout,
+        "subject": item.subject,
+        "session": item.session,
+        # One JSON text, not a map: sidecars are free-form (Firestore would index every key of them, and
+        # refuses arrays inside arrays); thumbnails are opaque.
+        "facts": json.dumps(item.facts.to_dict(), separators=(",", ":"), sort_keys=True),
+        "placing": [o.to_dict() for o in item.placing],
     }
     if with_files:
         data["files"] = [f.to_dict() for f in item.files]
@@ -161,6 +185,11 @@ def item_from_dict(data: Mapping[str, Any], files: tuple[FileRef, ...] | None = 
         incomplete=bool(data.get("incomplete", False)),
         expires_at=_opt_float(data.get("expires_at")),
         publishing=tuple(OutputFile.from_dict(o) for o in data.get("publishing") or ()),
+        layout=str(data.get("layout") or "mirror"),
+        subject=str(data.get("subject") or ""),
+        session=str(data.get("session") or ""),
+        facts=SeriesFacts.from_dict(json.loads(data["facts"]) if data.get("facts") else None),
+        placing=tuple(OutputFile.from_dict(o) for o in data.get("placing") or ()),
     )
 
 

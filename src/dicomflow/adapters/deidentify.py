@@ -13,8 +13,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from dicomflow.adapters.dicom_identifiers import read_identifiers
+from dicomflow.adapters.dicom_identifiers import read_identifiers, read_study_time
 from dicomflow.adapters.nifti_text import gzip_nifti, scrub_nifti
+from dicomflow.domain.facts import offset_from_study
 from dicomflow.domain.privacy import Identifiers, filter_sidecar
 
 PROFILE_VERSION = "privacy1"
@@ -34,6 +35,18 @@ class ProfileDeidentifier:
         # a series; two reads catch an export that mixes (e.g. a renamed series).
         files = sorted(p for p in input_dir.iterdir() if p.is_file())
         return read_identifiers(files[:1] + files[-1:]) if files else Identifiers()
+
+    def acquisition_offset(self, input_dir: Path, outputs: Sequence[Path]) -> float | None:
+        files = sorted(p for p in input_dir.iterdir() if p.is_file())
+        study_time = read_study_time(files[0]) if files else None
+        times: list[object] = []
+        for path in outputs:
+            if path.name.endswith(".json"):
+                try:
+                    times.append(json.loads(path.read_text(encoding="utf-8")).get("AcquisitionTime"))
+                except (OSError, ValueError, AttributeError):
+                    continue
+        return offset_from_study(times, study_time)
 
     def apply(self, outputs: Sequence[Path], identifiers: Identifiers, *, compress: bool) -> tuple[Path, ...]:
         result: list[Path] = []

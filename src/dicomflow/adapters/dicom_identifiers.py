@@ -17,7 +17,7 @@ from typing import Any, Final
 from dicomflow.domain.privacy import Identifiers
 from dicomflow.log_privacy import guard
 
-__all__ = ["KEYWORDS", "identifier_values", "read_identifiers"]
+__all__ = ["KEYWORDS", "identifier_values", "read_identifiers", "read_study_time"]
 
 # domain.privacy.IDENTIFIER_KEYS name → pydicom keyword of the same attribute (a unit test checks both match).
 KEYWORDS: Final = {
@@ -94,3 +94,18 @@ def read_identifiers(paths: Iterable[Path]) -> Identifiers:
 
 # SpecificCharacterSet too, so names in other character sets decode as the scanner wrote them.
 _SPECIFIC_TAGS: Final = ["SpecificCharacterSet", *KEYWORDS.values()]
+
+
+def read_study_time(path: Path) -> str | None:
+    """StudyTime (0008,0030) of one file, as stored (HHMMSS.frac), or None. Never stored or logged: the
+    caller keeps only a duration computed from it (domain.facts.offset_from_study)."""
+    from pydicom import dcmread  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dataset = dcmread(path, stop_before_pixels=True, specific_tags=["StudyTime"], force=True)
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    value = dataset.get("StudyTime")
+    return str(value).strip() or None if value is not None else None

@@ -40,6 +40,7 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from dicomflow.adapters import codec
+from dicomflow.domain.dataset import Dataset
 from dicomflow.domain.failures import Conflict, NotFound, ServiceUnavailable
 from dicomflow.domain.model import ACTIVE, Batch, BatchStatus, Counters, Item, ItemState
 from dicomflow.domain.series import FileRef, ScanResult
@@ -464,17 +465,19 @@ class FirestoreStateStore:
                 counts[item_id] = max(counts.get(item_id, 0), int(data.get("file_count") or 0))
         return counts
 
-    def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
+    def recorded_outputs(self, dest_key: str, item_id: str, layout: str | None = None) -> set[tuple[str, str]]:
         query = (
             self._db.collection_group("items")
             .where(filter=FieldFilter("dest_key", "==", dest_key))
             .where(filter=FieldFilter("item_id", "==", item_id))
             .where(filter=FieldFilter("state", "==", ItemState.SUCCEEDED.value))
         )
+        docs = (s.to_dict() or {} for s in self._stream(query))
         return {
             (str(o["name"]), str(o["sha256"]))
-            for s in self._stream(query)
-            for o in (s.to_dict() or {}).get("outputs", [])
+            for d in docs
+            if layout in (None, d.get("layout", "mirror"))
+            for o in d.get("outputs", [])
         }
 
     def find_unretracted(self, limit: int = 500) -> list[Item]:
@@ -482,6 +485,43 @@ class FirestoreStateStore:
             self._db.collection_group("items").where(filter=FieldFilter("needs_retraction", "==", True)).limit(limit)
         )
         return [self._item_from(s.to_dict() or {}, s.reference) for s in self._stream(query)]
+
+    def list_destination_items(self, dest_key: str, after: str = "", limit: int = 200) -> list[Item]:
+        query = (
+            self._db.collection_group("items")
+            .where(filter=FieldFilter("dest_key", "==", dest_key))
+            .where(filter=FieldFilter("state", "==", ItemState.SUCCEEDED.value))
+            .where(filter=FieldFilter("layout", "==", "bids"))
+            .order_by("__name__")
+        )
+        if after:
+            batch_id, _, item_id = after.partition("/")
+            query = query.start_after({"__name__": self._item_ref(batch_id, item_id)})
+        return [self._item_from(s.to_dict() or {}, s.reference) for s in self._stream(query.limit(limit))]
+
+    def find_unfinished(self, limit: int = 500) -> list[Batch]:
+        query = self._db.collection("batches").where(filter=FieldFilter("finish_pending", "==", True)).limit(limit)
+        return [self._batch_from(s.to_dict() or {}) for s in self._stream(query)]
+
+    # --- datasets ------------------------------------------------------------------------------------
+
+    def _dataset_ref(self, dest_key: str) -> Any:
+        return self._db.collection("datasets").document(dest_key)
+
+    def get_dataset(self, dest_key: str) -> Dataset:
+        snap = self._run(self._dataset_ref(dest_key).get)
+        return Dataset.from_dict(snap.to_dict() or {}) if snap.exists else Dataset(dest_key)
+
+    def update_dataset(self, dest_key: str, change: Callable[[Dataset], Dataset | None]) -> tuple[Dataset, bool]:
+        def compute(current: dict[str, Any] | None) -> tuple[dict[str, Any] | None, tuple[Dataset, bool]]:
+            dataset = Dataset.from_dict(current) if current is not None else Dataset(dest_key)
+            updated = change(dataset)
+            if updated is None:
+                return None, (dataset, False)
+            return updated.to_dict(), (updated, True)
+
+        result: tuple[Dataset, bool] = self._read_modify_write(self._dataset_ref(dest_key), compute)
+        return result
 
     # --- expansion scratch ---------------------------------------------------------------------------
 

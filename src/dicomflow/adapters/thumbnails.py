@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
+from dicomflow.domain.facts import OutputImage
 from dicomflow.report import ImageInfo
 
 PANEL_HEIGHT: Final = 96
@@ -44,22 +45,22 @@ def describe(path: Path) -> ImageInfo:
 
 
 def _thumbnail(img: nib.Nifti1Image | nib.Nifti2Image) -> tuple[bytes | None, tuple[int, int]]:
-    canonical = nib.as_closest_canonical(img)  # type: ignore[no-untyped-call]
-    index = (slice(None), slice(None), slice(None)) + (0,) * (len(canonical.shape) - 3)
-    volume = np.asarray(canonical.dataobj[index], dtype=np.float64)
-    volume = np.where(np.isfinite(volume), volume, 0.0)
-    if volume.size == 0:
+    # Only the three mid-slices of the first volume are read: from an uncompressed file nibabel maps them
+    # from disk, so a 500 MB fMRI run costs what three slices cost. The window is the 1st..99th percentile
+    # of those slices.
+    planes = [_canonical_plane(img, axis) for axis in range(3)]
+    if any(p.size == 0 for p in planes):
         return None, (0, 0)
-    zx, zy, zz = (float(z) for z in canonical.header.get_zooms()[:3])
-    nx, ny, nz = volume.shape
+    zx, zy, zz = _canonical_zooms(img)
     # Rows top to bottom = superior to inferior (or anterior to posterior for the axial view); columns
     # left to right = anterior (sagittal) or the subject's left to right (neurological convention).
     views = (
-        (volume[nx // 2, :, :].T[::-1], zz, zy),  # sagittal: rows S->I, columns P->A
-        (volume[:, ny // 2, :].T[::-1], zz, zx),  # coronal: rows S->I, columns R-L axis
-        (volume[:, :, nz // 2].T[::-1], zy, zx),  # axial: rows A->P, columns R-L axis
+        (planes[0].T[::-1], zz, zy),  # sagittal: rows S->I, columns P->A
+        (planes[1].T[::-1], zz, zx),  # coronal: rows S->I, columns R-L axis
+        (planes[2].T[::-1], zy, zx),  # axial: rows A->P, columns R-L axis
     )
-    lo, hi = (float(v) for v in np.percentile(volume, [1.0, 99.0]))
+    values = np.concatenate([p.ravel() for p in planes])
+    lo, hi = (float(v) for v in np.percentile(values, [1.0, 99.0]))
     if hi <= lo:
         hi = lo + 1.0
     panels = [_panel(view, row_mm, col_mm, lo, hi) for view, row_mm, col_mm in views]
@@ -69,6 +70,42 @@ def _thumbnail(img: nib.Nifti1Image | nib.Nifti2Image) -> tuple[bytes | None, tu
         parts.extend([gap, panel] if i else [panel])
     image = np.concatenate(parts, axis=1)
     return encode_png(image), (int(image.shape[1]), int(image.shape[0]))
+
+
+def _orientation(img: nib.Nifti1Image | nib.Nifti2Image) -> tuple[dict[int, int], dict[int, bool]]:
+    """For each closest-to-RAS axis: the file's axis that holds it, and whether it runs backwards."""
+    ornt = nib.io_orientation(img.affine)  # type: ignore[no-untyped-call]
+    axis_of = {int(target): axis for axis, (target, _) in enumerate(ornt)}
+    flipped = {int(target): bool(direction < 0) for target, direction in ornt}
+    return axis_of, flipped
+
+
+def _canonical_zooms(img: nib.Nifti1Image | nib.Nifti2Image) -> tuple[float, float, float]:
+    axis_of, _ = _orientation(img)
+    zooms = img.header.get_zooms()  # type: ignore[no-untyped-call]
+    x, y, z = (float(zooms[axis_of[t]]) for t in range(3))
+    return x, y, z
+
+
+def _canonical_plane(img: nib.Nifti1Image | nib.Nifti2Image, fixed: int) -> npt.NDArray[np.float64]:
+    """The middle plane across RAS axis `fixed` of the first volume, its two other RAS axes in order and
+    running in their positive direction: what `as_closest_canonical(img)` would give, without loading the
+    volume."""
+    axis_of, flipped = _orientation(img)
+    length = img.shape[axis_of[fixed]]
+    middle = length // 2
+    index: list[int | slice] = [slice(None)] * 3
+    index[axis_of[fixed]] = length - 1 - middle if flipped[fixed] else middle
+    extra = (0,) * (len(img.shape) - 3)
+    plane = np.asarray(img.dataobj[(*index, *extra)], dtype=np.float64)
+    plane = np.where(np.isfinite(plane), plane, 0.0)
+    kept = [t for t in range(3) if t != fixed]  # RAS axes of the plane, ascending
+    if axis_of[kept[0]] > axis_of[kept[1]]:
+        plane = plane.T  # the file stores them the other way round
+    for position, target in enumerate(kept):
+        if flipped[target]:
+            plane = np.flip(plane, axis=position)
+    return plane
 
 
 def _panel(view: npt.NDArray[np.float64], row_mm: float, col_mm: float, lo: float, hi: float) -> npt.NDArray[np.uint8]:
@@ -94,3 +131,15 @@ def encode_png(image: npt.NDArray[np.uint8]) -> bytes:
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+class NiftiInspector:
+    """The ImageInspector port: `describe` as the series record keeps it (domain.facts.OutputImage)."""
+
+    def describe(self, path: Path) -> OutputImage | None:
+        try:
+            info = describe(path)
+        except (OSError, TypeError, ValueError, nib.filebasedimages.ImageFileError, EOFError):
+            return None  # not an image nibabel reads: the report shows the file without one
+        return OutputImage(path.name, info.shape, info.voxel_size, info.volumes, info.thumbnail_png,
+                           info.thumbnail_size)  # fmt: skip

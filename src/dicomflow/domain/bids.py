@@ -27,6 +27,7 @@ aside with the reason, so the dataset stays valid and the user learns what to ad
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import defaultdict
@@ -73,6 +74,13 @@ class ConvertedSeries:
     series_number: int | None = None
     description: str = ""
     acquired_at: float | None = None
+    # Labels found when the series was discovered (used when plan_dataset is given no policy).
+    labels: Labels | None = None
+    # Outputs already placed under a BIDS name, by output stem: their NIfTI path in the dataset. A placed
+    # output keeps its name (and the series its run) for good, whatever the rules say now.
+    placed: Mapping[str, str] = field(default_factory=dict)
+    # Sidecar keys a rule added to a placed output (by stem), kept when its sidecar is written again.
+    extras: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +182,11 @@ def _split_ext(name: str) -> tuple[str, str]:
     return base, ""
 
 
+def split_ext(name: str) -> tuple[str, str]:
+    """(stem, extension) of an output name: `7_gre_e1.nii.gz` → (`7_gre_e1`, `.nii.gz`)."""
+    return _split_ext(name)
+
+
 def _outputs(series: ConvertedSeries) -> list[_Output]:
     by_stem: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for name in series.files:
@@ -259,6 +272,26 @@ _GRE_FIELDMAP: Final = frozenset({"magnitude", "magnitude1", "magnitude2", "phas
 # a phase-difference or direct map with its magnitudes, or a set of reversed phase-encoding EPIs). RF
 # (B1) maps are not B0 fieldmaps and get neither IntendedFor nor B0FieldIdentifier from dicomflow.
 _B0_FAMILY: Final = {**dict.fromkeys((*_GRE_FIELDMAP, "fieldmap"), "gre"), "epi": "epi"}
+
+
+def parse_bids_path(path: str) -> tuple[Labels, _Named, int] | None:
+    """The labels, datatype, suffix, entities and run of a file dicomflow named (`sub-01/ses-1/func/
+    sub-01_ses-1_task-rest_run-1_bold.nii.gz`), or None for any other path."""
+    parts = path.split("/")
+    if len(parts) not in (3, 4) or not parts[0].startswith("sub-"):
+        return None
+    base, _ = _split_ext(parts[-1])
+    tokens = base.split("_")
+    entities: dict[str, str] = {}
+    for token in tokens[:-1]:
+        name, dash, value = token.partition("-")
+        if not dash:
+            return None
+        entities[name] = value
+    subject, session, run = entities.pop("sub", ""), entities.pop("ses", None), entities.pop("run", "")
+    if not subject or not run.isdigit():
+        return None
+    return Labels(subject, session), _Named(parts[-2], tokens[-1], entities, {}, ""), int(run)
 
 
 def _classify(out: _Output, rules: Sequence[Rule], shape: _Shape) -> _Named | str:
@@ -387,24 +420,38 @@ def _unclassified(out: _Output, reason: str, labels: Labels | None) -> PlannedOu
 
 def plan_dataset(
     series: Iterable[ConvertedSeries],
-    policy: LabelPolicy,
+    policy: LabelPolicy | None,
     rules: Sequence[Rule] = (),
     options: LayoutOptions = LayoutOptions(),
     previous_runs: Mapping[str, int] | None = None,
 ) -> DatasetPlan:
     """The BIDS layout of every converted series of a destination (all batches so far, not only the last).
 
+    Labels come from `policy` and each series' folders, or, when `policy` is None, from each series'
+    own `labels` (found at discovery). Outputs already placed (`ConvertedSeries.placed`) keep their names
+    and their series its run; the others are named now, and runs continue with the lowest free numbers.
     Deterministic: the same series, policy, rules and previous runs give the same plan, whatever the
-    input order. Raises `BidsConfigError` only for source folders whose `sub-`/`ses-` label is invalid.
+    input order; a plan made again after some of its outputs were placed gives the same names.
+    Raises `BidsConfigError` only for source folders whose `sub-`/`ses-` label is invalid.
     """
     all_series = sorted(series, key=_order_key)
     named: dict[_Key, tuple[_Output, _Named, Labels]] = {}
+    pinned: dict[_Key, str] = {}
+    previous = dict(previous_runs or {})
     planned: list[PlannedOutput] = []
     for s in all_series:
         outputs = _outputs(s)
-        labels = labels_for(s.rel_dir, policy)
+        labels = s.labels if policy is None else labels_for(s.rel_dir, policy)
         shape = _Shape.of(outputs)
         for out in outputs:
+            parsed = parse_bids_path(s.placed[out.stem]) if out.stem in s.placed else None
+            if parsed is not None:
+                placed_labels, placed_name, run = parsed
+                placed_name.sidecar.update(s.extras.get(out.stem, {}))
+                named[(s.series_id, out.stem)] = (out, placed_name, placed_labels)
+                pinned[(s.series_id, out.stem)] = s.placed[out.stem]
+                previous[s.series_id] = run
+                continue
             if labels is None:
                 planned.append(_unclassified(out, NO_SUBJECT, None))
                 continue
@@ -413,12 +460,18 @@ def plan_dataset(
                 planned.append(_unclassified(out, result, labels))
             else:
                 named[(s.series_id, out.stem)] = (out, result, labels)
-    runs = _assign_runs(all_series, named, previous_runs or {})
+    runs = _assign_runs(all_series, named, previous)
     taken: dict[str, str] = {}
     placed: dict[_Key, PlannedOutput] = {}
     starts = _session_starts(named)
-    for (series_id, stem), (out, n, labels) in named.items():
-        files = tuple(PlannedFile(name, _file_name(labels, n, runs[series_id], ext)) for name, ext in out.files)
+    # Placed outputs first: they hold their names, whatever a new output would be called.
+    for (series_id, stem), (out, n, labels) in sorted(named.items(), key=lambda kv: kv[0] not in pinned):
+        if (series_id, stem) in pinned:
+            base = _split_ext(pinned[(series_id, stem)])[0]
+            folder = pinned[(series_id, stem)].rsplit("/", 1)[0]
+            files = tuple(PlannedFile(name, f"{folder}/{base}{ext}") for name, ext in out.files)
+        else:
+            files = tuple(PlannedFile(name, _file_name(labels, n, runs[series_id], ext)) for name, ext in out.files)
         nifti = next(f.path for f in files if f.path.endswith(NIFTI_EXTENSIONS))
         if nifti in taken:
             planned.append(_unclassified(out, f"another output already has the BIDS name {nifti}", labels))
@@ -484,11 +537,13 @@ def _assign_runs(
             if run is not None and run >= 1 and run not in used:
                 runs[series_id] = run
                 used.add(run)
-        following = max(used, default=0)
+        # New series take the lowest free numbers in acquisition order. With no gaps that is "after the
+        # highest run in use"; and a plan made again after some of its series were placed (a finish step
+        # interrupted half-way) gives every series the number the first plan gave it.
+        free = (n for n in itertools.count(1) if n not in used)
         for series_id in members:
             if series_id not in runs:
-                following += 1
-                runs[series_id] = following
+                runs[series_id] = next(free)
     return runs
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -71,17 +71,18 @@ def parse_subjects_csv(text: str) -> dict[str, Labels]:
     Folders are relative to the source root, '/'-separated. Errors name the line.
     """
     mapping: dict[str, Labels] = {}
-    rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
-    if rows and rows[0][0].strip().lower() in _HEADER_WORDS:
+    reader = csv.reader(io.StringIO(text))
+    rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    if rows and rows[0][1][0].strip().lower() in _HEADER_WORDS:
         rows = rows[1:]
-    for line_no, row in enumerate(rows, start=1):
+    for line_no, row in rows:  # the line of the file, as an editor numbers it
         where = f"subjects line {line_no}"
         cells = [cell.strip() for cell in row]
         if len(cells) not in (2, 3) or not cells[0] or not cells[1]:
             raise BidsConfigError(
                 f"{where}: expected `source folder,subject[,session]`, got {len(cells)} column(s)", field="subjects"
             )
-        folder = _normalise_folder(cells[0])
+        folder = normalise_folder(cells[0])
         if folder in mapping:
             raise BidsConfigError(f"{where}: the folder {cells[0]!r} is listed twice", field="subjects")
         subject = validate_label("sub", cells[1], field=f"{where}, subject")
@@ -90,7 +91,8 @@ def parse_subjects_csv(text: str) -> dict[str, Labels]:
     return mapping
 
 
-def _normalise_folder(folder: str) -> str:
+def normalise_folder(folder: str) -> str:
+    """A mapped folder as it is matched: '/'-separated, no empty, '.' or trailing parts."""
     parts = [p for p in folder.replace("\\", "/").split("/") if p and p != "."]
     return "/".join(parts)
 
@@ -100,19 +102,36 @@ def labels_for(rel_dir: str, policy: LabelPolicy) -> Labels | None:
     gives it a subject. Raises `BidsConfigError` for a `sub-`/`ses-` folder whose label is invalid, unless
     the flags or the mapping file supply that label instead."""
     names = [decode_component(c) for c in split(rel_dir)]
+    return source_labels(names, names, policy)
+
+
+def source_labels(raw: Sequence[str], shown: Sequence[str], policy: LabelPolicy) -> Labels | None:
+    """`labels_for` at expansion, where the series' source folders are known by name (`raw`, decoded,
+    root first) and as dicomflow may show them (`shown`: the same folders scrubbed of the series'
+    identifiers, docs/privacy.md; equal to `raw` where nothing was scrubbed). A `sub-`/`ses-` folder whose
+    name carries one of the patient's identifiers (a name, an ID, a date) is refused like an invalid
+    label: dicomflow never writes identifiers into file names. Errors name folders by `shown` only."""
     found: dict[str, str] = {}
     invalid: dict[str, BidsConfigError] = {}
-    for name in names:
+    for name, visible in zip(raw, [*shown, *raw[len(shown) :]], strict=False):
         for kind, pattern in (("sub", _SUB), ("ses", _SES)):
             m = pattern.fullmatch(name)
-            if m and kind not in found and kind not in invalid:
-                try:
-                    found[kind] = validate_label(
-                        kind, m.group(1), field=f"source folder {name!r}", where=f" in the source folder {name!r}"
-                    )
-                except BidsConfigError as exc:
-                    invalid[kind] = exc
-    fallback = _fallback(names, policy)
+            if not m or kind in found or kind in invalid:
+                continue
+            where = f"source folder {visible!r}"
+            if visible != name:
+                noun = "subject" if kind == "sub" else "session"
+                invalid[kind] = BidsConfigError(
+                    f"the {where} would take its {noun} label from the patient's identifiers (a name, an ID "
+                    "or a date), which dicomflow never writes into file names",
+                    field=where,
+                )
+                continue
+            try:
+                found[kind] = validate_label(kind, m.group(1), field=where, where=f" in the {where}")
+            except BidsConfigError as exc:
+                invalid[kind] = exc
+    fallback = _fallback(list(raw), policy)
     subject = found.get("sub") or (fallback.subject if fallback else None)
     if subject is None:
         if "sub" in invalid:
@@ -137,16 +156,32 @@ def _fallback(names: list[str], policy: LabelPolicy) -> Labels | None:
 def check_labels(rel_dirs: Iterable[str], policy: LabelPolicy) -> None:
     """Fail fast (at submission or expansion) on every folder whose `sub-`/`ses-` name is not a valid
     label, listing them all, so a user fixes them at once instead of one batch at a time."""
-    bad: list[str] = []
-    for rel_dir in sorted(set(rel_dirs)):
+    folders = {rel_dir: [decode_component(c) for c in split(rel_dir)] for rel_dir in set(rel_dirs)}
+    labels_of_series({k: (v, v) for k, v in folders.items()}, policy)
+
+
+def labels_of_series(
+    folders: Mapping[str, tuple[Sequence[str], Sequence[str]]], policy: LabelPolicy
+) -> dict[str, Labels | None]:
+    """`source_labels` for every series (key → (raw folder names, shown folder names)); every bad folder
+    is reported in one error."""
+    result: dict[str, Labels | None] = {}
+    bad: set[str] = set()
+    reasons: list[str] = []
+    for key in sorted(folders):
+        raw, shown = folders[key]
         try:
-            labels_for(rel_dir, policy)
+            result[key] = source_labels(raw, shown, policy)
         except BidsConfigError as exc:
-            bad.append(exc.field)
+            if exc.field not in bad:
+                reasons.append(exc.reason)
+            bad.add(exc.field)
     if bad:
-        shown = ", ".join(sorted(set(bad))[:10])
+        shown_fields = ", ".join(sorted(bad)[:10])
         raise BidsConfigError(
-            f"folder names that look like BIDS labels but are not valid ones (letters and digits only after "
-            f"sub-/ses-): {shown}. Rename them, or use --subjects to map folders to labels.",
+            f"folder names that look like BIDS labels but cannot be used (letters and digits only after sub-/ses-, "
+            f"and no patient identifiers): {shown_fields}. Rename them, or use --subjects to map folders to labels. "
+            f"First problem: {reasons[0]}",
             field="source",
         )
+    return result

@@ -106,6 +106,12 @@ def parse_rules(text: str, fmt: RulesFormat = "json") -> tuple[Rule, ...]:
         data: object = json.loads(text) if fmt == "json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise BidsConfigError(f"the rules file is not valid {fmt.upper()}: {exc}", field="rules") from None
+    return rules_from_data(data)
+
+
+def rules_from_data(data: object) -> tuple[Rule, ...]:
+    """Validate a parsed rules document (the object a JSON or TOML rules file holds, or the batch API's
+    `layout.rules`); raise `BidsConfigError` naming the rule and field at fault."""
     if not isinstance(data, dict) or set(data) != {"rules"} or not isinstance(data["rules"], list):
         raise BidsConfigError(
             'the rules file must be an object with one key, "rules", holding a list of rules', field="rules"

@@ -21,7 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from dicomflow.domain.facts import SeriesFacts
 from dicomflow.domain.failures import Failure
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import Location
 from dicomflow.domain.series import ConversionOptions, FileRef, SeriesGroup
 
@@ -100,9 +102,19 @@ class OutputFile:
     size: int
     sha256: str
     ref: str = ""
+    # The name the converter gave the file, when it was moved to another one (a BIDS name): "" while the
+    # file still has it (its base name is the last part of `name`).
+    origin: str = ""
+
+    @property
+    def original(self) -> str:
+        return self.origin or self.name.rsplit("/", 1)[-1]
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256, "ref": self.ref}
+        data: dict[str, object] = {"name": self.name, "size": self.size, "sha256": self.sha256, "ref": self.ref}
+        if self.origin:
+            data["origin"] = self.origin
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> OutputFile:
@@ -111,6 +123,7 @@ class OutputFile:
             size=int(str(data["size"])),
             sha256=str(data["sha256"]),
             ref=str(data.get("ref", "")),
+            origin=str(data.get("origin") or ""),
         )
 
 
@@ -167,10 +180,25 @@ class Batch:
     # Drive notification). Only the owner and administrators see or act on it ("" = no owner recorded:
     # batches from before ownership, local runs, operator tools; administrators only in the cloud).
     owner: str = ""
+    layout: Layout = field(default_factory=Layout)
+    # The finish step (services/finish.py: BIDS placement, top-level files, report.html) runs once per
+    # completion: every time the batch becomes final, or its final counts change (a redrive, a late
+    # success). `completions` counts them, `finished` is the last one whose finish step is done,
+    # `finish_key` what the last completion was for, `finish_seq` names the reconciler's re-enqueues.
+    completions: int = 0
+    finished: int = 0
+    finish_key: str = ""
+    finish_seq: int = 0
+    report_ref: str = ""  # where the last report.html is (local path or Drive file id); "" before the first
 
     @property
     def is_final(self) -> bool:
         return self.status in BATCH_FINAL
+
+    @property
+    def finish_pending(self) -> bool:
+        """Final, and the finish step of its last completion has not run yet (report, BIDS placement)."""
+        return self.is_final and self.finished < self.completions
 
 
 CANCELLED = "the batch was cancelled before this series was converted"
@@ -217,6 +245,13 @@ class Item:
     # moves them to `outputs`; a series that ends without success keeps them here until they are retracted
     # (the publish may have landed while the record of it was lost).
     publishing: tuple[OutputFile, ...] = ()
+    layout: str = "mirror"  # the batch's layout kind when the series was found (bids: staged, then placed)
+    subject: str = ""  # --layout bids: the labels found at discovery ("" = no subject label)
+    session: str = ""
+    facts: SeriesFacts = field(default_factory=SeriesFacts)
+    # Written by the finish step before it moves a succeeded series' outputs to their BIDS names: where
+    # each will be. Once every file is there, `outputs` becomes this (DESIGN.md invariant 3 under crashes).
+    placing: tuple[OutputFile, ...] = ()
 
     @property
     def is_terminal(self) -> bool:
@@ -245,7 +280,15 @@ def positioned(files: Sequence[FileRef]) -> tuple[FileRef, ...]:
     return tuple(replace(f, path=str(n)) for n, f in enumerate(files, 1))
 
 
-def new_item(batch: Batch, group: SeriesGroup, fingerprint: str, now: float, *, skip_reason: str = "") -> Item:
+def new_item(
+    batch: Batch,
+    group: SeriesGroup,
+    fingerprint: str,
+    now: float,
+    *,
+    skip_reason: str = "",
+    labels: tuple[str, str] = ("", ""),
+) -> Item:
     state = ItemState.SKIPPED if skip_reason else ItemState.PENDING
     return Item(
         batch_id=batch.batch_id,
@@ -268,6 +311,9 @@ def new_item(batch: Batch, group: SeriesGroup, fingerprint: str, now: float, *, 
         file_count=len(group.files),
         finished_at=now if skip_reason else None,
         skip_reason=skip_reason,
+        layout=batch.layout.kind,
+        subject=labels[0],
+        session=labels[1],
     )
 
 
@@ -356,6 +402,7 @@ def succeed(
     *,
     generation: int | None = None,
     incomplete: bool = False,
+    facts: SeriesFacts | None = None,
 ) -> Item | None:
     if not _accepts_result(item, item.generation if generation is None else generation):
         return None
@@ -363,6 +410,7 @@ def succeed(
         item,
         state=ItemState.SUCCEEDED,
         outputs=outputs,
+        facts=facts or SeriesFacts(),
         incomplete=incomplete,
         publishing=(),
         timings=timings,
@@ -628,7 +676,7 @@ def settle(batch: Batch, counters: Counters, now: float, retention_seconds: floa
     if status is batch.status and batch.counters == counters:
         return None
     finished = batch.finished_at if status is batch.status and batch.finished_at else now
-    return replace(
+    settled = replace(
         batch,
         status=status,
         finished_at=finished,
@@ -636,6 +684,8 @@ def settle(batch: Batch, counters: Counters, now: float, retention_seconds: floa
         updated_at=now,
         counters=counters,
     )
+    # The finish step is owed in the same write that makes the batch final: no crash can fall between.
+    return request_finish(settled, counters, now) or settled
 
 
 def complete_if_done(batch: Batch, counters: Counters, now: float) -> Batch | None:
@@ -646,15 +696,20 @@ def complete_if_done(batch: Batch, counters: Counters, now: float) -> Batch | No
 
 
 def cancel(batch: Batch, now: float) -> Batch | None:
+    """Final at once; its finish step is owed in the same write (it waits for series still running)."""
     if batch.is_final:
         return None
-    return replace(batch, status=BatchStatus.CANCELLED, finished_at=now, updated_at=now)
+    return _owe_finish(replace(batch, status=BatchStatus.CANCELLED, finished_at=now, updated_at=now))
 
 
 def fail_batch(batch: Batch, now: float, failure: Failure) -> Batch | None:
     if batch.status is not BatchStatus.EXPANDING:
         return None
-    return replace(batch, status=BatchStatus.FAILED, failure=failure, finished_at=now, updated_at=now)
+    return _owe_finish(replace(batch, status=BatchStatus.FAILED, failure=failure, finished_at=now, updated_at=now))
+
+
+def _owe_finish(batch: Batch) -> Batch:
+    return replace(batch, completions=batch.completions + 1, finish_key=f"{batch.status.value}:open", finish_seq=0)
 
 
 def list_done(batch: Batch, now: float, epoch: int, listing: str, chunks: int) -> Batch | None:
@@ -686,3 +741,35 @@ def request_redrive(batch: Batch, now: float) -> Batch | None:
     if batch.status not in (BatchStatus.RUNNING, BatchStatus.COMPLETED, BatchStatus.COMPLETED_WITH_FAILURES):
         return None
     return replace(batch, redrives=batch.redrives + 1, updated_at=now)
+
+
+# --- the finish step of a batch (services/finish.py) --------------------------------------------------
+
+
+def finish_key(status: BatchStatus, counters: Counters) -> str:
+    return f"{status.value}:" + ",".join(f"{k}={v}" for k, v in sorted(counters.to_dict().items()))
+
+
+def request_finish(batch: Batch, counters: Counters, now: float) -> Batch | None:
+    """A final batch whose every series is final gets a (new) completion when what it ended with is new:
+    its finish step must run for it. A repeated request for the same outcome changes nothing."""
+    if not batch.is_final or counters.finished != counters.series_total:
+        return None
+    key = finish_key(batch.status, counters)
+    if key == batch.finish_key:
+        return None
+    return replace(batch, completions=batch.completions + 1, finish_key=key, finish_seq=0, updated_at=now)
+
+
+def finish_done(batch: Batch, completion: int, report_ref: str, now: float) -> Batch | None:
+    """The finish step of `completion` is done (a later completion, if any, is still pending)."""
+    if completion <= batch.finished or completion > batch.completions:
+        return None
+    return replace(batch, finished=completion, report_ref=report_ref or batch.report_ref, updated_at=now)
+
+
+def retry_finish(batch: Batch, now: float, seen: Batch) -> Batch | None:
+    """The reconciler gives a pending finish step a new task (its task may have been dropped)."""
+    if not batch.finish_pending or batch.finish_seq != seen.finish_seq or batch.completions != seen.completions:
+        return None
+    return replace(batch, finish_seq=batch.finish_seq + 1, updated_at=now)

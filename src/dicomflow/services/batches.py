@@ -8,7 +8,8 @@ from dicomflow.domain.model import Batch, BatchStatus, ItemState
 from dicomflow.events import Event
 from dicomflow.services.context import Context, event
 from dicomflow.services.outputs import finalize
-from dicomflow.services.task_names import cancel_task
+from dicomflow.services.progress import maybe_complete
+from dicomflow.services.task_names import cancel_task, finish_task
 
 _WAITING = frozenset({ItemState.PENDING, ItemState.RETRYING})
 
@@ -21,6 +22,8 @@ def cancel_batch(ctx: Context, batch_id: str) -> Batch:
     if not changed and batch.status is not BatchStatus.CANCELLED:
         raise Conflict(f"batch {batch_id} is already {batch.status.value} and cannot be cancelled")
     ctx.queue.enqueue([cancel_task(batch_id)])
+    if batch.finish_pending:
+        ctx.queue.enqueue([finish_task(batch)])  # its report (lost with a crash here: the reconciler sends it)
     if changed:
         event(Event.BATCH_CANCELLED, "batch cancelled", batch_id=batch_id)
     return ctx.store.get_batch(batch_id)
@@ -39,4 +42,5 @@ def sweep_cancelled(ctx: Context, batch_id: str) -> int:
             skipped += int(did)
         if len(page) < 200:
             break
+    maybe_complete(ctx, batch_id)  # its finish step then reports the final counts
     return skipped

@@ -15,7 +15,7 @@ from dicomflow.auth import Authenticator, LocalAuthenticator
 from dicomflow.config import Settings
 from dicomflow.domain.failures import InvalidInput
 from dicomflow.domain.locations import Location, LocationKind
-from dicomflow.domain.model import Item
+from dicomflow.domain.model import Item, ItemState
 from dicomflow.events import Event
 from dicomflow.ports import (
     ChangeFeed,
@@ -23,6 +23,7 @@ from dicomflow.ports import (
     Deidentifier,
     HeaderScanner,
     Heartbeat,
+    ImageInspector,
     ItemChange,
     Sink,
     Source,
@@ -52,6 +53,7 @@ class Context:
     work_dir: Path
     heartbeat: Heartbeat
     deidentifier: Deidentifier
+    inspector: ImageInspector
     change_feed: Callable[[], ChangeFeed] | None = None
     clock: Callable[[], float] = time.time
     # Random ids (batch ids, lease owners): injected so a simulation replays exactly from its seed.
@@ -94,6 +96,14 @@ class Context:
             updated = change(item)
             if updated is None or not updated.is_terminal or updated.finished_at is None:
                 return updated
+            if (
+                updated.layout == "bids"
+                and updated.state is ItemState.SUCCEEDED
+                and (updated.outputs or updated.placing)
+            ):
+                # The record of a series in a BIDS dataset is the dataset's memory of it (its names, its run,
+                # its sidecar): kept as long as the series is in the dataset (docs/privacy.md, retention).
+                return replace(updated, expires_at=None)
             return replace(updated, expires_at=updated.finished_at + retention)
 
         return self.store.update_item(batch_id, item_id, retained)

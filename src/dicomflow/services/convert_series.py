@@ -30,6 +30,7 @@ from pathlib import Path
 from dicomflow.config import Mode
 from dicomflow.domain import model
 from dicomflow.domain.conversion import ConversionVerdict, assess
+from dicomflow.domain.facts import SeriesFacts
 from dicomflow.domain.failures import AttemptOutOfTime, DicomflowError, Failure, InvalidInput, SeriesTooLarge
 from dicomflow.domain.model import Batch, BatchStatus, Item, OutputFile, Timings
 from dicomflow.domain.privacy import Identifiers, scrub_text
@@ -40,6 +41,7 @@ from dicomflow.services.context import Context, event
 from dicomflow.services.explain import name_what_failed
 from dicomflow.services.outputs import finalize, replace_earlier_outputs
 from dicomflow.services.progress import maybe_complete
+from dicomflow.services.staging import collect_facts, describe_images, output_dir
 
 # A series needs its DICOM files and dcm2niix's output on disk at once; on Cloud Run the disk is RAM
 # (GCP_FACTS gotcha 18). NIfTI is about the size of the uncompressed pixel data, so budget the input
@@ -286,24 +288,30 @@ def _convert_claimed(
         warnings = tuple(_scrubbed(w, identifiers) for w in classified.warnings)
         if classified.verdict is ConversionVerdict.NOTHING_TO_CONVERT:
             return _finish(ctx, item, skip_reason=classified.skip_reason, warnings=warnings)
+        # --layout bids orders and spaces series by acquisition: read before the profile drops the times.
+        acquired = ctx.deidentifier.acquisition_offset(input_dir, run.outputs) if item.layout == "bids" else None
+        images = describe_images(ctx, run.outputs)  # for the report; before compression: three slices read
         # Downloaded inputs are no longer needed: free the space before uploading (on Cloud Run it is
         # memory). Only our own scratch folder is removed, never a source folder used in place.
         shutil.rmtree(work / "in", ignore_errors=True)
         shareable = ctx.deidentifier.apply(run.outputs, identifiers, compress=batch.options.compress)
+        facts = collect_facts(item, images, shareable, acquired)
         budget.remaining("uploading")
         sink = ctx.sink_for(batch.destination)
+        rel_dir = output_dir(item)  # BIDS: staged, then named by the batch's finish step
         # Nothing is published by an attempt that lost the series; what is published is recorded first.
-        lease.confirm(beating, publishing=sink.intended(item.rel_dir, shareable))
+        lease.confirm(beating, publishing=sink.intended(rel_dir, shareable))
 
         def uploading(done: int, total: int) -> None:
             if not beating.alive:
                 raise FencedOut  # stop between files: the series belongs to another attempt now
             ctx.progress(item.batch_id, item.item_id, "upload", done, total)
 
-        outputs = sink.publish(batch.destination, item.rel_dir, shareable, owner_key=item.item_id, progress=uploading)
+        outputs = sink.publish(batch.destination, rel_dir, shareable, owner_key=item.item_id, progress=uploading)
         uploaded = ctx.clock()
     timings = Timings(downloaded - started, converted - downloaded, uploaded - converted)
-    return _finish(ctx, item, outputs=outputs, timings=timings, warnings=warnings, incomplete=classified.incomplete)
+    return _finish(ctx, item, outputs=outputs, timings=timings, warnings=warnings, incomplete=classified.incomplete,
+                   facts=facts)  # fmt: skip
 
 
 def _scrubbed(text: str, identifiers: Identifiers) -> str:
@@ -319,6 +327,7 @@ def _finish(
     warnings: tuple[str, ...] = (),
     skip_reason: str = "",
     incomplete: bool = False,
+    facts: SeriesFacts | None = None,
 ) -> ConvertResult:
     now = ctx.clock()
     generation = item.generation
@@ -332,7 +341,14 @@ def _finish(
             item.batch_id,
             item.item_id,
             lambda i: model.succeed(
-                i, now, outputs, timings or Timings(), warnings, generation=generation, incomplete=incomplete
+                i,
+                now,
+                outputs,
+                timings or Timings(),
+                warnings,
+                generation=generation,
+                incomplete=incomplete,
+                facts=facts,
             ),
         )
         outcome, name = Outcome.SUCCEEDED, Event.SERIES_SUCCEEDED

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dicomflow.domain.failures import ConfigError, DicomflowError, Forbidden, InvalidInput, NotFound
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import Location, LocationKind, parse_location
 from dicomflow.domain.series import ConversionOptions
 from dicomflow.events import Event
@@ -49,6 +50,7 @@ def add_watch(
     label: str = "",
     *,
     owner: str = "",
+    layout: Layout | None = None,
 ) -> WatchChannel:
     """Open a channel for `folder`; the batches it starts belong to `owner` (the caller of the batch API;
     "" for an operator's watch opened with direct access to the state store)."""
@@ -69,7 +71,8 @@ def add_watch(
         page_token=feed.start_page_token(),
         expires_at=now + settings.channel_ttl_seconds,
         created_at=now,
-        options=options.to_dict(),
+        # The layout rides with the options (a mirror watch's options are stored as they always were).
+        options=options.to_dict() | ({"layout": layout.to_dict()} if layout and layout.is_bids else {}),
         label=label,
         owner=owner,
     )
@@ -317,6 +320,7 @@ def settle_folders(ctx: Context) -> list[str]:
             destination=destination,
             options=ConversionOptions.from_dict(channel.options),
             label=channel.label or "drive watch",
+            layout=Layout.from_dict(channel.options.get("layout")),
         )
         key = f"settle-{folder.folder_id}-{folder.last_change_at:.3f}"
         batch = submit(ctx, request, idempotency_key=key, owner=channel.owner).batch
@@ -351,4 +355,5 @@ def channel_summary(channel: WatchChannel) -> dict[str, Any]:
         "active": channel.active,
         "label": channel.label,
         "owner": channel.owner,
+        "layout": Layout.from_dict(channel.options.get("layout")).summary(),
     }

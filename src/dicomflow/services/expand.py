@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from collections import Counter as Tally
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from dicomflow.domain import model
+from dicomflow.domain.bids_labels import labels_of_series
 from dicomflow.domain.failures import DicomflowError, InvalidInput, PermanentError
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import LocationKind
 from dicomflow.domain.model import Batch, BatchStatus, ItemState
-from dicomflow.domain.paths import display, encode_component, join
+from dicomflow.domain.paths import decode_component, display, encode_component, join, split
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, SeriesGroup, fingerprint, group_series
 from dicomflow.events import Event
 from dicomflow.ports import Attempt, ExpansionChunk, SkippedFile
@@ -39,7 +42,7 @@ from dicomflow.services.access import listing_guard
 from dicomflow.services.context import Context, event
 from dicomflow.services.outputs import finalize
 from dicomflow.services.progress import maybe_complete
-from dicomflow.services.task_names import convert_task, group_task, scan_task
+from dicomflow.services.task_names import convert_task, finish_task, group_task, scan_task
 
 MIN_CHUNK = 64
 IGNORED_EXAMPLES = 20
@@ -48,7 +51,7 @@ IGNORED_EXAMPLES = 20
 CHUNK_FILE_BYTES = 300 * 1024
 ITEMS_PER_CALL_BYTES = 2 * 1024 * 1024
 ALREADY_CONVERTED = "already converted into this destination (same files, same converter, same options)"
-STEPS = ("list", "scan", "group", "redrive", "cancel")
+STEPS = ("list", "scan", "group", "redrive", "cancel", "finish")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,7 @@ class ExpandPayload:
     step: str
     chunk_no: int = 0
     epoch: int = 0
+    completion: int = 0  # finish steps: the batch completion it finishes
 
     @classmethod
     def parse(cls, payload: object) -> ExpandPayload:
@@ -66,14 +70,15 @@ class ExpandPayload:
         step = payload.get("step")
         chunk_no = payload.get("chunk_no", 0)
         epoch = payload.get("epoch", 0)
+        completion = payload.get("completion", 0)
         if not isinstance(batch_id, str) or not batch_id:
             raise InvalidInput("batch_id must be a non-empty string", field="batch_id")
         if step not in STEPS:
             raise InvalidInput(f"step must be one of {', '.join(STEPS)}", field="step")
-        for name, value in (("chunk_no", chunk_no), ("epoch", epoch)):
+        for name, value in (("chunk_no", chunk_no), ("epoch", epoch), ("completion", completion)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidInput(f"{name} must be a non-negative integer", field=name)
-        return cls(batch_id, str(step), chunk_no, epoch)
+        return cls(batch_id, str(step), chunk_no, epoch, completion)
 
 
 def handle_expand(ctx: Context, payload: ExpandPayload, attempt: Attempt) -> None:
@@ -119,6 +124,7 @@ def fail_expansion(ctx: Context, batch: Batch, exc: DicomflowError) -> None:
         if len(page) < 100:
             break
     ctx.store.delete_chunks(failed.batch_id)
+    ctx.queue.enqueue([finish_task(failed)])  # its report says why it failed (the reconciler resends a lost one)
 
 
 def source_prefixes(ctx: Context, batch: Batch) -> list[str]:
@@ -251,7 +257,11 @@ def _group(ctx: Context, batch: Batch) -> None:
             f"the source holds {len(groups)} series, more than the maximum of {ctx.settings.max_batch_series} "
             "per batch; submit its sub-folders as separate batches"
         )
-    version = ctx.conversion_version
+    # --layout bids: labels from the source folders (a bad one fails the batch now, naming every folder).
+    labels = series_labels(batch.layout, groups) if batch.layout.is_bids else {}
+    # A BIDS dataset is made from its own conversions: a series converted into the destination by a mirror
+    # batch is converted again (its outputs are staged and placed, not mirrored).
+    version = ctx.conversion_version + ("+bids" if batch.layout.is_bids else "")
     fps = [fingerprint(g.key, g.sop_instance_uids, version, batch.options) for g in groups]
     already = set() if batch.force else ctx.store.succeeded_fingerprints(batch.destination.key, fps)
     # A re-run never makes outputs worse: a series that now has fewer files than when it last converted
@@ -266,9 +276,12 @@ def _group(ctx: Context, batch: Batch) -> None:
     )
     now = ctx.clock()
     items = [
-        model.new_item(batch, group, fp, now, skip_reason=_skip_reason(group, fp, already, fewer))
+        model.new_item(
+            batch, group, fp, now, skip_reason=_skip_reason(group, fp, already, fewer),
+            labels=labels.get(group.key.item_id, ("", "")),
+        )
         for group, fp in zip(groups, fps, strict=True)
-    ]
+    ]  # fmt: skip
     for part in _slices(items):
         stored = ctx.store.add_items(part)
         # Enqueue before marking the batch running: if this step dies in between, its redelivery finds
@@ -293,6 +306,20 @@ def _group(ctx: Context, batch: Batch) -> None:
             ignored_by_kind=dict(ignored),
         )
     maybe_complete(ctx, batch.batch_id)
+
+
+def series_labels(layout: Layout, groups: Sequence[SeriesGroup]) -> dict[str, tuple[str, str]]:
+    """Subject and session of each series (item id → (subject, session), "" where none), from its source
+    folders by name — known here, and nowhere later: items keep no source path — checked against the
+    same folders scrubbed of the series' identifiers (`group.rel_dir`), which is how errors name them."""
+    folders: dict[str, tuple[list[str], list[str]]] = {}
+    for group in groups:
+        dirs = [posixpath.dirname(f.path) for f in group.files]
+        common = dirs[0] if len(set(dirs)) == 1 else (posixpath.commonpath(dirs) if all(dirs) else "")
+        raw = [decode_component(c) for c in split(common)]
+        folders[group.key.item_id] = (raw, [decode_component(c) for c in split(group.rel_dir)])
+    found = labels_of_series(folders, layout.policy())
+    return {key: (labels.subject, labels.session or "") for key, labels in found.items() if labels is not None}
 
 
 def _skip_reason(group: SeriesGroup, fp: str, already: set[str], before: dict[str, int]) -> str:

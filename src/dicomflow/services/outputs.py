@@ -17,6 +17,7 @@ import logging
 
 from dicomflow.domain import model
 from dicomflow.domain.failures import DicomflowError, NotFound
+from dicomflow.domain.layout import MIRROR
 from dicomflow.domain.model import Item, ItemState, OutputFile
 from dicomflow.events import Event
 from dicomflow.ports import ItemChange
@@ -55,13 +56,17 @@ def replace_earlier_outputs(ctx: Context, item: Item) -> int:
     bytes. Those earlier successes then record no outputs and stop counting as "already converted"
     (model.supersede). Returns how many files were removed.
 
+    Only the mirror layout's records: a BIDS dataset's series are replaced by its finish step, which keeps
+    their names and runs (services/finish.py), and a series' BIDS files in the same destination are not
+    the mirror's to remove.
+
     Best effort: the success stands whatever happens here; if removing fails, the files stay recorded by
     the earlier success and the next success of the series tries again."""
-    if item.state is not ItemState.SUCCEEDED or item.finished_at is None:
+    if item.state is not ItemState.SUCCEEDED or item.finished_at is None or item.layout != MIRROR:
         return 0
     current = {o.name for o in item.outputs}
-    stale = sorted((name, digest) for name, digest in ctx.store.recorded_outputs(item.dest_key, item.item_id)
-                   if name not in current)  # fmt: skip
+    recorded = ctx.store.recorded_outputs(item.dest_key, item.item_id, layout=MIRROR)
+    stale = sorted((name, digest) for name, digest in recorded if name not in current)
     if not stale:
         return 0  # the usual case: one query, nothing to do
     batch = ctx.store.get_batch(item.batch_id, counted=False)
@@ -94,6 +99,6 @@ def _earlier_successes(ctx: Context, item: Item) -> list[Item]:
             earlier = ctx.store.get_item(batch.batch_id, item.item_id)
         except NotFound:
             continue
-        if earlier.state is ItemState.SUCCEEDED and earlier.outputs:
+        if earlier.state is ItemState.SUCCEEDED and earlier.outputs and earlier.layout == MIRROR:
             found.append(earlier)
     return found

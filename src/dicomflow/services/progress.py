@@ -10,6 +10,7 @@ from dicomflow.domain import model
 from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState
 from dicomflow.events import Event
 from dicomflow.services.context import Context, event
+from dicomflow.services.task_names import finish_task
 
 
 def maybe_complete(ctx: Context, batch_id: str) -> bool:
@@ -17,11 +18,29 @@ def maybe_complete(ctx: Context, batch_id: str) -> bool:
 
     Called after every terminal transition. Each caller counts *after* its own write committed, so the
     last item to finish always sees all the others: no completion can be missed, and the conditional
-    batch update makes it happen once. Until then it costs one count query.
+    batch update makes it happen once. Until then it costs one count query. A cancelled or failed batch
+    (final before its last series ended) gets its finish step once nothing of it is running any more.
     """
     if ctx.store.count_active(batch_id):
         return False
-    return settle_batch(ctx, batch_id)
+    final = settle_batch(ctx, batch_id)
+    if final:
+        request_finish(ctx, batch_id)
+    return final
+
+
+def request_finish(ctx: Context, batch_id: str) -> None:
+    """Owe the batch a finish step if what it ended with is new (model.request_finish), and enqueue it."""
+    counters = ctx.store.counters(batch_id)
+    batch, changed = ctx.store.update_batch(batch_id, lambda b: model.request_finish(b, counters, ctx.clock()))
+    if changed:
+        ctx.queue.enqueue([finish_task(batch)])
+
+
+def enqueue_finish(ctx: Context, batch: Batch) -> None:
+    """The finish step's task for the batch's last completion (a no-op when its name was used)."""
+    if batch.finish_pending:
+        ctx.queue.enqueue([finish_task(batch)])
 
 
 def settle_batch(ctx: Context, batch_id: str) -> bool:
@@ -35,6 +54,9 @@ def settle_batch(ctx: Context, batch_id: str) -> bool:
         batch, changed = ctx.store.update_batch(batch_id, change)
         if not changed:
             return batch.is_final
+        # If this enqueue is lost (a crash right after the write), the reconciler finds the batch's finish
+        # still pending and enqueues it again (reconcile.py).
+        enqueue_finish(ctx, batch)
         if batch.is_final:
             event(
                 Event.BATCH_COMPLETED,

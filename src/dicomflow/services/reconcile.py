@@ -13,6 +13,9 @@ Cloud Scheduler, and at start-up by local mode.
 - `expanding` untouched for longer than the expand queue's retry window: its tasks were dropped; the
   expansion restarts in a new epoch (new task names), and the batch fails after MAX_RESTARTS.
 - `running` (or completed) batches get the status their counters call for.
+- a final batch whose finish step (report.html, BIDS placement: services/finish.py) is still owed after the
+  expand queue's retry window gets a new finish task (its task was dropped, or never created); at local
+  start-up at once, with the destination's lease freed (no other process can hold it then).
 
 Every transition is conditional on the snapshot the reconciler read (the item's `rev`), so acting on an
 old query result changes nothing (DESIGN.md invariant 8). The waiting periods are derived from the
@@ -26,7 +29,7 @@ import logging
 from dataclasses import dataclass
 
 from dicomflow.config import Settings
-from dicomflow.domain import model
+from dicomflow.domain import dataset, model
 from dicomflow.domain.failures import PermanentError, WorkerInterrupted
 from dicomflow.domain.model import Batch, BatchStatus, Item, ItemState
 from dicomflow.domain.retry import CONTROL_POLICY, RetryPolicy
@@ -37,7 +40,7 @@ from dicomflow.services.dead_letter import announce_dead_letter
 from dicomflow.services.expand import fail_expansion
 from dicomflow.services.outputs import finalize, retract
 from dicomflow.services.progress import settle_batch
-from dicomflow.services.task_names import convert_task, expand_task
+from dicomflow.services.task_names import convert_task, expand_task, finish_task
 
 MAX_RESTARTS = 3
 # Slack on top of a queue's retry window: dispatch is not instantaneous, and a task may wait behind
@@ -68,6 +71,7 @@ class ReconcileReport:
     cancelled: int = 0
     expansions_restarted: int = 0
     batches_settled: int = 0
+    finishes_requeued: int = 0
 
 
 def _interrupted() -> WorkerInterrupted:
@@ -191,6 +195,7 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
             settled += int(settle_batch(ctx, batch.batch_id))
         elif not all_leases_expired and run.now - batch.updated_at > stalled_after:
             restarted += int(_restart_expansion(ctx, batch, run.now))
+    finishes = sum(_retry_finish(ctx, batch, run.now, all_leases_expired) for batch in ctx.store.find_unfinished())
     return ReconcileReport(
         requeued=run.counts["requeued"],
         dead_lettered=run.counts["dead_lettered"],
@@ -198,7 +203,24 @@ def reconcile(ctx: Context, *, all_leases_expired: bool = False) -> ReconcileRep
         cancelled=run.counts["cancelled"],
         expansions_restarted=restarted,
         batches_settled=settled,
+        finishes_requeued=finishes,
     )
+
+
+def _retry_finish(ctx: Context, seen: Batch, now: float, all_leases_expired: bool) -> bool:
+    """A final batch whose finish step has not run: its task may be lost (dropped after its last attempt,
+    or never created because its creator died). After the expand queue's whole retry window — at once
+    at local start-up, when no other process can be running it — it gets a new task."""
+    if not all_leases_expired and now - seen.updated_at <= expansion_stalled_after(ctx.settings):
+        return False
+    if all_leases_expired:
+        ctx.store.update_dataset(seen.destination.key, lambda d: dataset.free(d, now))
+    batch, changed = ctx.store.update_batch(seen.batch_id, lambda b: model.retry_finish(b, now, seen))
+    if changed:
+        ctx.queue.enqueue([finish_task(batch)])
+        event(Event.RECONCILE_REQUEUED, "finish step of a final batch re-enqueued", severity=logging.WARNING,
+              batch_id=batch.batch_id, completion=batch.completions)  # fmt: skip
+    return changed
 
 
 def _restart_expansion(ctx: Context, batch: Batch, now: float) -> bool:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from dicomflow.domain.failures import InvalidInput
+from dicomflow.domain.layout import Layout
 from dicomflow.domain.locations import Location, LocationKind, check_apart
 from dicomflow.domain.model import Batch, BatchStatus
 from dicomflow.domain.series import ConversionOptions
@@ -27,16 +28,19 @@ class BatchRequest:
     options: ConversionOptions = ConversionOptions()
     label: str = ""
     force: bool = False
+    layout: Layout = field(default_factory=Layout)
 
     def fingerprint(self) -> str:
         """Hash of the request, to tell a true retry from a different request reusing an idempotency key."""
-        body = {
+        body: dict[str, object] = {
             "sources": [s.uri for s in self.sources],
             "destination": self.destination.uri,
             "options": self.options.to_dict(),
             "label": self.label,
             "force": self.force,
         }
+        if self.layout.is_bids:  # mirror requests hash as they always did
+            body["layout"] = self.layout.to_dict()
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -110,6 +114,7 @@ def submit(
         updated_at=now,
         force=request.force,
         owner=owner,
+        layout=request.layout,
     )
     record = None
     if idempotency_key:
@@ -144,6 +149,7 @@ def find_resumable(request: BatchRequest, candidates: Sequence[Batch]) -> Batch 
             and batch.destination == request.destination
             and batch.options == request.options
             and batch.force == request.force
+            and batch.layout == request.layout
         ):
             return batch
     return None

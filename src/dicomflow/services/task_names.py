@@ -9,7 +9,7 @@ dead-letter hand-offs. Ids hold only [A-Za-z0-9_-] (no dots).
 
 from __future__ import annotations
 
-from dicomflow.domain.model import Item, convert_task_id
+from dicomflow.domain.model import Batch, Item, convert_task_id
 from dicomflow.ports import QueueName, Task
 
 
@@ -57,3 +57,13 @@ def redrive_task(batch_id: str, number: int) -> Task:
 
 def cancel_task(batch_id: str) -> Task:
     return Task(QueueName.EXPAND, f"cancel-{batch_id}", {"batch_id": batch_id, "step": "cancel"})
+
+
+def finish_task(batch: Batch) -> Task:
+    """The finish step of the batch's last completion (services/finish.py): new per completion, and per
+    reconciler re-enqueue (`finish_seq`)."""
+    return Task(
+        QueueName.EXPAND,
+        f"finish-{batch.batch_id}-c{batch.completions}-r{batch.finish_seq}",
+        {"batch_id": batch.batch_id, "step": "finish", "completion": batch.completions},
+    )

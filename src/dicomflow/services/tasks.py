@@ -17,6 +17,7 @@ from dicomflow.services.convert_series import ConvertPayload, convert_series
 from dicomflow.services.dead_letter import DeadLetterPayload, record_dead_letter, redrive
 from dicomflow.services.drive_changes import handle_changes_task
 from dicomflow.services.expand import ExpandPayload, handle_expand
+from dicomflow.services.finish import finish_batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +64,16 @@ def _dispatch(ctx: Context, queue: QueueName, payload: object, attempt: Attempt)
         return TaskResponse(200 if result.outcome.ack else 503, body)
     if queue is QueueName.EXPAND:
         # The expand function also runs the batch-maintenance steps that must not live in a 60 s API
-        # request: redriving dead letters and sweeping a cancelled batch.
+        # request: redriving dead letters, sweeping a cancelled batch, and a final batch's finish step
+        # (its report and BIDS dataset).
         step = ExpandPayload.parse(payload)
         if step.step == "redrive":
             return TaskResponse(200, {"outcome": "done", "redriven": redrive(ctx, step.batch_id)})
         if step.step == "cancel":
             return TaskResponse(200, {"outcome": "done", "skipped": sweep_cancelled(ctx, step.batch_id)})
+        if step.step == "finish":
+            finished = finish_batch(ctx, step.batch_id, step.completion, attempt)
+            return TaskResponse(200, {"outcome": finished.outcome, "moved": finished.moved})
         handle_expand(ctx, step, attempt)
         return TaskResponse(200, {"outcome": "done"})
     if queue is QueueName.DEAD_LETTER:

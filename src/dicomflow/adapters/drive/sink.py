@@ -62,7 +62,13 @@ from dicomflow.adapters.drive.errors import map_http_error
 from dicomflow.adapters.drive.settle import DriveClock, rank, settled
 from dicomflow.adapters.drive.source import FOLDER, quote
 from dicomflow.adapters.local.files import sha256_file
-from dicomflow.domain.failures import ChecksumMismatch, DestinationNotWritable, ServiceUnavailable, TransientError
+from dicomflow.domain.failures import (
+    ChecksumMismatch,
+    DestinationNotWritable,
+    ServiceUnavailable,
+    SourceNotFound,
+    TransientError,
+)
 from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import OutputFile
 from dicomflow.domain.paths import decode_component, split
@@ -71,7 +77,7 @@ from dicomflow.ports import Progress
 UPLOAD_CHUNK = 32 * 256 * 1024  # 8 MiB: resumable chunks must be multiples of 256 KiB (GCP_FACTS gotcha 4)
 UPLOAD_ATTEMPTS = 4
 _ALL = {"supportsAllDrives": True}
-_FILE_FIELDS = "id,name,md5Checksum,size,createdTime,appProperties"
+_FILE_FIELDS = "id,name,md5Checksum,sha256Checksum,size,createdTime,appProperties"
 _MADE_BY_US = {"dicomflow": "1"}  # the appProperties of every folder dicomflow creates
 
 
@@ -418,6 +424,70 @@ class DriveSink:
                     self._drive.execute(partial(_trash, file_id=file_id), what=f"output {name!r}", writing=True)
                     removed += 1
         return removed
+
+    def move(self, location: Location, output: OutputFile, name: str, owner_key: str) -> OutputFile:
+        """One files.update: the new parent (addParents/removeParents), the new name and its name tag
+        (GCP_FACTS §1: a file has one parent). The file id is kept, so a repeated move finds it in place."""
+        parts = [decode_component(c) for c in split(name)]
+        folder = location.ref
+        for part in parts[:-1]:
+            folder = self._settled_choice(folder, part).folder
+        base, recorded = parts[-1], "/".join(parts)
+        what = f"output {base!r}"
+        meta = self._file(output.ref, what)
+        if meta is None or meta.get("trashed") or meta.get("sha256Checksum") not in (None, output.sha256):
+            for entry in sorted(self._tagged(folder, owner_key, base), key=rank):
+                if entry.get("sha256Checksum") == output.sha256:
+                    return OutputFile(recorded, output.size, output.sha256, str(entry["id"]), origin=output.original)
+            raise SourceNotFound(
+                f"{what} is gone (or changed) before it could be moved to {recorded}; convert the series again "
+                "(dicomflow convert --force)"
+            )
+        moved = OutputFile(recorded, output.size, output.sha256, str(meta["id"]), origin=output.original)
+        parents = [str(p) for p in meta.get("parents") or ()]
+        if parents == [folder] and meta.get("name") == base:
+            return moved
+        # An older file of this series under the same name (replaced by a new conversion) goes first:
+        # names are not unique in Drive, and two of them would both look current.
+        for entry in self._tagged(folder, owner_key, base):
+            if entry["id"] != meta["id"]:
+                self._drive.execute(partial(_trash, file_id=str(entry["id"])), what=what, writing=True)
+
+        def update(service: Any) -> Any:
+            return service.files.update(
+                fileId=meta["id"], addParents=folder, removeParents=",".join(p for p in parents if p != folder),
+                body={"name": base, "appProperties": {"dicomflow_name": _name_tag(base)}}, fields="id", **_ALL,
+            )  # fmt: skip
+
+        self._drive.execute(update, what=what, writing=True)
+        return moved
+
+    def read(self, location: Location, name: str, owner_key: str) -> bytes | None:
+        parts = [decode_component(c) for c in split(name)]
+        folder = self._existing_folder(location.ref, parts[:-1])
+        if folder is None:
+            return None
+        base = parts[-1]
+        found = sorted(self._tagged(folder, owner_key, base), key=rank) or sorted(
+            self._list(f"{quote(folder)} in parents and name = {quote(base)} and trashed = false", what=base),
+            key=rank,
+        )
+        if not found:
+            return None
+        file_id = str(found[0]["id"])
+        data = self._drive.execute(lambda s: s.files.get_media(fileId=file_id, **_ALL), what=f"file {base!r}")
+        return bytes(data)
+
+    def _file(self, file_id: str, what: str) -> dict[str, Any] | None:
+        if not file_id:
+            return None
+        try:
+            meta: dict[str, Any] = self._drive.execute(
+                partial(_get, file_id=file_id, fields="id,name,parents,trashed,sha256Checksum"), what=what
+            )
+        except SourceNotFound:  # 404: deleted for good
+            return None
+        return meta
 
     def _existing_folder(self, root: str, names: Sequence[str]) -> str | None:
         folder = root

@@ -312,6 +312,62 @@ class LocalFolderSink:
             removed += 1
         return removed
 
+    def move(self, location: Location, output: OutputFile, name: str, owner_key: str) -> OutputFile:
+        """A rename inside the destination (one file system: no copy). The ledger records the new name for
+        `owner_key` before the rename, like a publish."""
+        root = _require_local(location)
+        parts = safe_local_parts(name)
+        target = root.joinpath(*parts)
+        source = root.joinpath(*safe_local_parts(output.name))
+        moved = OutputFile("/".join(parts), output.size, output.sha256, str(target), origin=output.original)
+        if source == target:
+            return moved
+        try:
+            if target.is_file() and sha256_file(target) == output.sha256:
+                if source.is_file() and source.stat().st_size == output.size:
+                    # Both present (a copy of the same bytes is already in place): keep one.
+                    self._remove_if_owned(root, source, output.name, owner_key)
+                return moved
+            if not source.is_file() or source.stat().st_size != output.size:
+                raise SourceNotFound(
+                    f"{source} is gone (or changed) before it could be moved to {target}; convert the series again "
+                    "(dicomflow convert --force)"
+                )
+            if target.exists() and "/".join(parts) not in self._owned_names(root, owner_key):
+                raise DestinationConflict(
+                    f"{target} already exists and was not written by dicomflow for this series; move it away "
+                    "(nothing was overwritten)"
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._append_ledger(root, owner_key, "/".join(parts))
+            source.replace(target)
+        except OSError as exc:
+            raise self._write_error(exc, target.parent) from None
+        self._prune(root, source.parent)
+        return moved
+
+    def read(self, location: Location, name: str, owner_key: str) -> bytes | None:
+        target = _require_local(location).joinpath(*safe_local_parts(name))
+        try:
+            return target.read_bytes() if target.is_file() else None
+        except OSError as exc:
+            raise self._write_error(exc, target.parent) from None
+
+    def _remove_if_owned(self, root: Path, path: Path, name: str, owner_key: str) -> None:
+        if name in self._owned_names(root, owner_key):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    @staticmethod
+    def _prune(root: Path, folder: Path) -> None:
+        """Remove folders a move left empty (staging folders), up to the destination's root."""
+        while folder != root and root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # not empty, or already gone
+            folder = folder.parent
+
     @staticmethod
     def _write_error(exc: OSError, where: Path) -> Exception:
         if exc.errno == errno.ENOSPC:

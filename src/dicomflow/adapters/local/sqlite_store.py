@@ -16,6 +16,7 @@ from typing import Any
 
 from dicomflow.adapters import codec
 from dicomflow.adapters.local.sqlite import SqliteDatabase
+from dicomflow.domain.dataset import Dataset
 from dicomflow.domain.failures import Conflict, NotFound
 from dicomflow.domain.model import Batch, BatchStatus, Counters, Item, ItemState
 from dicomflow.domain.series import ScanResult
@@ -70,6 +71,10 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE TABLE IF NOT EXISTS channels (
     channel_id TEXT PRIMARY KEY,
     active INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS datasets (
+    dest_key TEXT PRIMARY KEY,
     data TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pending_folders (
@@ -303,11 +308,12 @@ class SqliteStateStore:
             counts.update({r["item_id"]: int(r["n"]) for r in rows})
         return counts
 
-    def recorded_outputs(self, dest_key: str, item_id: str) -> set[tuple[str, str]]:
+    def recorded_outputs(self, dest_key: str, item_id: str, layout: str | None = None) -> set[tuple[str, str]]:
         rows = self._db.read(
             "SELECT data FROM items WHERE dest_key = ? AND item_id = ? AND state = 'succeeded'", (dest_key, item_id)
         )
-        return {(o.name, o.sha256) for r in rows for o in codec.item_from_dict(json.loads(r["data"])).outputs}
+        items = (codec.item_from_dict(json.loads(r["data"])) for r in rows)
+        return {(o.name, o.sha256) for i in items if layout in (None, i.layout) for o in i.outputs}
 
     def find_unretracted(self, limit: int = 500) -> list[Item]:
         rows = self._db.read(
@@ -316,6 +322,39 @@ class SqliteStateStore:
             (limit,),
         )
         return [codec.item_from_dict(json.loads(r["data"])) for r in rows]
+
+    def list_destination_items(self, dest_key: str, after: str = "", limit: int = 200) -> list[Item]:
+        batch_after, _, item_after = after.partition("/")
+        rows = self._db.read(
+            "SELECT data FROM items WHERE dest_key = ? AND state = 'succeeded' "
+            "AND json_extract(data, '$.layout') = 'bids' AND (batch_id, item_id) > (?, ?) "
+            "ORDER BY batch_id, item_id LIMIT ?",
+            (dest_key, batch_after, item_after, limit),
+        )
+        return [codec.item_from_dict(json.loads(r["data"])) for r in rows]
+
+    def find_unfinished(self, limit: int = 500) -> list[Batch]:
+        rows = self._db.read(
+            "SELECT data FROM batches WHERE json_extract(data, '$.finish_pending') ORDER BY updated_at LIMIT ?",
+            (limit,),
+        )
+        return [codec.batch_from_dict(json.loads(r["data"])) for r in rows]
+
+    # --- datasets --------------------------------------------------------------------------------------
+
+    def get_dataset(self, dest_key: str) -> Dataset:
+        rows = self._db.read("SELECT data FROM datasets WHERE dest_key = ?", (dest_key,))
+        return Dataset.from_dict(json.loads(rows[0]["data"])) if rows else Dataset(dest_key)
+
+    def update_dataset(self, dest_key: str, change: Callable[[Dataset], Dataset | None]) -> tuple[Dataset, bool]:
+        with self._db.tx() as db:
+            row = db.execute("SELECT data FROM datasets WHERE dest_key = ?", (dest_key,)).fetchone()
+            current = Dataset.from_dict(json.loads(row[0])) if row else Dataset(dest_key)
+            updated = change(current)
+            if updated is None:
+                return current, False
+            db.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?)", (dest_key, _dumps(updated.to_dict())))
+        return updated, True
 
     # --- expansion scratch ---------------------------------------------------------------------------
 
