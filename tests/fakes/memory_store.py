@@ -197,7 +197,9 @@ class MemoryStateStore:
                 (o.name, o.sha256)
                 for table in self._items.values()
                 for i in table.values()
-                if i.dest_key == dest_key and i.item_id == item_id and i.state is ItemState.SUCCEEDED
+                if i.dest_key == dest_key
+                and i.item_id == item_id
+                and i.state is ItemState.SUCCEEDED
                 and layout in (None, i.layout)
                 for o in i.outputs
             }
