@@ -42,8 +42,9 @@ class Settings:
     state_path: str = _setting("", "SQLite state file for local mode (default: DEST/.dicomflow/state.sqlite)")
     workers: int = _setting(0, "parallel worker processes in local mode (0 = number of CPU cores)")
     work_dir: str = _setting("", "scratch folder for downloads and dcm2niix output (default: system temp)")
+    # Off by default: on the 2-core bench machine it did not pay off (bench/local_overhead.py, README).
     group_small_series: bool = _setting(
-        True, "local mode: convert several small series per dcm2niix process where that is exact (faster)"
+        False, "local mode: convert several small series per dcm2niix process where that is exact"
     )
 
     # Cloud Tasks RetryConfig of the convert queue. Terraform sets the same values on the queue and on

@@ -183,8 +183,8 @@ def test_demo_runs_with_a_relative_directory_as_make_demo_does(tmp_path: Path) -
 
 
 def test_small_series_share_dcm2niix_runs_and_get_what_a_run_each_gives(tmp_path: Path) -> None:
-    # Issue 13: many small series convert several to a dcm2niix process; the outputs are the same files
-    # (names and bytes) as with one process per series (DICOMFLOW_GROUP_SMALL_SERIES=false).
+    # Issue 13: with DICOMFLOW_GROUP_SMALL_SERIES=true (off by default) several small series convert in one
+    # dcm2niix process; the outputs are the same files (names and bytes) as with one process per series.
     samples.make_bench_archive(tmp_path / "dicom", series=10, slices=12, rows=64, cols=64, seed=3)
     key = {"DICOMFLOW_PSEUDONYM_KEY": "ab" * 32}  # one key: both destinations name folders alike
     runs = {}

@@ -134,13 +134,14 @@ def test_an_empty_source_reports_failed_in_json_and_exits_1(tmp_path: Path) -> N
 
 
 def test_ctrl_c_exits_130_and_status_then_says_interrupted(tmp_path: Path) -> None:
-    # Small series go to workers in groups of up to 32 (local_runtime.small_series_grouper): 96 make at least
-    # three groups on two workers, so the first to finish leaves work to interrupt.
+    # With grouping on, small series go to workers in groups of up to 32 (local_runtime.small_series_grouper):
+    # 96 make at least three groups on two workers, so the first to finish leaves work to interrupt.
     samples.make_bench_archive(tmp_path / "dicom", series=96, slices=24, rows=96, cols=96, seed=5)
     out = tmp_path / "nifti"
     state = out / ".dicomflow" / "state.sqlite"
+    env = cli_env(tmp_path, DICOMFLOW_GROUP_SMALL_SERIES="true")
     proc = subprocess.Popen([DICOMFLOW, "convert", str(tmp_path / "dicom"), str(out), "--workers", "2", "--quiet"],
-                            env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
     done = 0
