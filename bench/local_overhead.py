@@ -1,6 +1,6 @@
 """Local conversion overhead: `dicomflow convert` vs dcm2niix by hand, side by side in one run (issue 13).
 
-Three inputs, each converted by four runners, alternating, median of N rounds:
+Three inputs, each converted by four runners, alternating, median of N rounds after a warm-up round:
 - small: 40 small series (24 slices of 96x96), where dcm2niix's start-up per series dominates;
 - large: 40 noisy series of 96 slices of 256x256, where the conversion itself dominates;
 - real:  the DICOM files shipped with pydicom and nibabel (scanner data of many vendors), one folder
@@ -72,7 +72,10 @@ def run_whole_folder(src: Path, out: Path) -> float:
 
 
 def run_dicomflow(src: Path, out: Path, cores: int, home: Path, *, grouped: bool) -> float:
-    env = {**os.environ, "HOME": str(home), "DICOMFLOW_GROUP_SMALL_SERIES": "true" if grouped else "false"}
+    # As a user runs it: Python caches compiled modules (a CI environment may switch that off; the warm-up
+    # round in `measure` writes the cache, so no measured run compiles dicomflow's sources).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env |= {"HOME": str(home), "DICOMFLOW_GROUP_SMALL_SERIES": "true" if grouped else "false"}
     return timed([DICOMFLOW, "convert", str(src), str(out), "--workers", str(cores), "--quiet"], env, ok=(0, 2))
 
 
@@ -120,6 +123,9 @@ def measure(name: str, root: Path, rounds: int, cores: int) -> dict[str, list[fl
         "grouped": lambda out, home: run_dicomflow(src, out, cores, home, grouped=True),
     }
     times: dict[str, list[float]] = {runner: [] for runner in RUNNERS}
+    for runner in RUNNERS:  # warm-up, not measured: page cache, Python's bytecode cache
+        jobs[runner](root / f"out-{name}-{runner}-warm", root / f"home-{name}-warm")
+        shutil.rmtree(root / f"out-{name}-{runner}-warm", ignore_errors=True)
     for n in range(rounds):
         for runner in RUNNERS:
             out, home = root / f"out-{name}-{runner}-{n}", root / f"home-{name}-{n}"

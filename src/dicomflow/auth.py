@@ -25,9 +25,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import google.auth.exceptions
-from google.auth import jwt
-
 from dicomflow.config import Mode, Settings
 from dicomflow.domain.access import AccessPolicy, Caller
 from dicomflow.domain.failures import Forbidden, ServiceUnavailable, Unauthenticated
@@ -100,6 +97,10 @@ class IdTokenVerifier:
             raise ServiceUnavailable(
                 "the API has no token audience configured (DICOMFLOW_AUTH_AUDIENCES or DICOMFLOW_PUBLIC_URL)"
             )
+        # Imported here: google.auth (and cryptography) cost ~60 ms, and only the cloud path verifies tokens.
+        import google.auth.exceptions  # noqa: PLC0415
+        from google.auth import jwt  # noqa: PLC0415
+
         try:
             header = jwt.decode_header(token)  # type: ignore[no-untyped-call]
             key_id = header.get("kid") if isinstance(header, dict) else None
