@@ -186,6 +186,31 @@ def test_folder_listing_and_scanners_agree(tmp_path: Path) -> None:
     assert sum(isinstance(r, DicomHeader) for r in sequential) == 3
 
 
+def test_series_of_two_patients_in_one_folder_are_scrubbed_each_with_its_own_identifiers(tmp_path: Path) -> None:
+    # A chunk's scan scrubs each (identifiers, description, folder) once and reuses it for the series' other
+    # files; two patients' series with the same description in one folder must not share a scrub.
+    root = tmp_path / "src"
+    for seed, (patient, number) in enumerate((("SMITH^ANNA", 1), ("JONES^BOB", 2))):
+        spec = SeriesSpec(kind="ct", slices=3, series_number=number, series_description="SMITH_T1_AP")
+        written = write_series(root / "import_SMITH", spec, seed=seed, file_names="noext")
+        for path in written.paths:
+            dataset = pydicom.dcmread(path)
+            dataset.PatientName = patient
+            dataset.save_as(path)
+    source = LocalFolderSource()
+    location = Location(LocationKind.LOCAL, str(root))
+    refs = sorted((r for r in source.list_files(location) if isinstance(r, FileRef)), key=lambda r: r.path)
+    key = b"k" * 32
+    scanned = SequentialScanner(key).scan(source, refs)
+    alone = [SequentialScanner(key).scan(source, [ref])[0] for ref in refs]  # no scrub shared
+    assert scanned == alone == ThreadedScanner(4, key).scan(source, refs)
+    headers = [h for h in scanned if isinstance(h, DicomHeader)]
+    by_number = {h.series_number: h for h in headers}
+    assert by_number[1].series_description == "T1_AP"  # Smith's series: his name removed
+    assert by_number[2].series_description == "SMITH_T1_AP"  # Jones' identifiers do not know "SMITH"
+    assert by_number[1].folders != by_number[2].folders  # the folder's name scrubbed per patient
+
+
 def _wheel_dicom_files() -> list[Path]:
     roots = [Path(pydicom.__file__).parent / "data" / "test_files", Path(nibabel.__file__).parent]
     found = [

@@ -34,7 +34,7 @@ from typing import Any
 from dicomflow.adapters.dicom_fastscan import WANTED, Truncated, Unsupported, read_fast
 from dicomflow.domain.failures import DicomflowError, TransientError
 from dicomflow.domain.paths import decode_component, split
-from dicomflow.domain.privacy import Identifiers, scrub_dirs, scrub_text
+from dicomflow.domain.privacy import IDENTIFIER_KEYS, DirScrub, Identifiers, scrub_dirs, scrub_text
 from dicomflow.domain.series import DicomHeader, FileRef, Ignored, IgnoredKind, ScanResult
 from dicomflow.ports import Source
 
@@ -75,7 +75,9 @@ def _looks_like_raw_dicom(data: bytes) -> bool:
     )
 
 
-def parse_header(data: bytes, *, complete: bool, folder: str | Sequence[str] = "", key: bytes = b"") -> ScanResult:
+def parse_header(
+    data: bytes, *, complete: bool, folder: str | Sequence[str] = "", key: bytes = b"", memo: Memo | None = None
+) -> ScanResult:
     """Interpret the first bytes of a file. `complete` says whether `data` is the whole file (so a
     parse that runs out of bytes means a truncated file rather than a short prefix).
 
@@ -94,18 +96,27 @@ def parse_header(data: bytes, *, complete: bool, folder: str | Sequence[str] = "
             raise NeedMore from None
         return Ignored(IgnoredKind.TRUNCATED, "ends inside its header")
     except Unsupported:
-        return _parse_with_pydicom(data, complete=complete, has_preamble=has_preamble, folder=folder, key=key)
+        return _parse_with_pydicom(
+            data, complete=complete, has_preamble=has_preamble, folder=folder, key=key, memo=memo
+        )
     return _header_from(
         fast.values,
         need_more=not fast.reached_end and not complete,
         ended_early=not fast.reached_end,
         folder=folder,
         key=key,
+        memo=memo,
     )
 
 
 def _parse_with_pydicom(
-    data: bytes, *, complete: bool, has_preamble: bool, folder: str | Sequence[str] = "", key: bytes = b""
+    data: bytes,
+    *,
+    complete: bool,
+    has_preamble: bool,
+    folder: str | Sequence[str] = "",
+    key: bytes = b"",
+    memo: Memo | None = None,
 ) -> ScanResult:
     """The slow, general path: big endian, deflate, other character sets, odd files."""
     # Imported here: most files never need it, and importing pydicom costs a quarter of a second.
@@ -140,6 +151,7 @@ def _parse_with_pydicom(
         ended_early=not reached_end_of_grouping,
         folder=folder,
         key=key,
+        memo=memo,
     )
 
 
@@ -163,7 +175,13 @@ def _values_from_dataset(ds: Any) -> dict[str, str]:
 
 
 def _header_from(
-    values: Mapping[str, str], *, need_more: bool, ended_early: bool, folder: str | Sequence[str] = "", key: bytes = b""
+    values: Mapping[str, str],
+    *,
+    need_more: bool,
+    ended_early: bool,
+    folder: str | Sequence[str] = "",
+    key: bytes = b"",
+    memo: Memo | None = None,
 ) -> ScanResult:
     """The grouping fields from raw values. `need_more`: the prefix ended before group 0x0020 did;
     `ended_early`: the data ended before it (in a whole file, a sign of truncation).
@@ -171,7 +189,9 @@ def _header_from(
     The identifiers of the header (patient, people, institution, dates: `Identifiers.from_values`) are
     used here and dropped: the description keeps what is left after scrubbing them out, and the file's
     folder (`folder`, relative to the source) is recorded only as scrubs under the pseudonym `key`
-    (privacy.scrub_dirs) — no identifier and no source name outlives this function."""
+    (privacy.scrub_dirs) — no identifier and no source name outlives this function, or the scan of one
+    chunk when a `memo` is given (the files of a series share their identifiers, description and folder:
+    each combination is scrubbed once per chunk)."""
     sop_class = values.get("sop_class") or values.get("media_sop_class", "")
     if sop_class == DICOMDIR_SOP_CLASS:
         return Ignored(IgnoredKind.DICOMDIR)
@@ -185,9 +205,8 @@ def _header_from(
         kind = IgnoredKind.TRUNCATED if ended_early else IgnoredKind.NO_SERIES
         return Ignored(kind, "missing " + ", ".join(missing))
 
-    identifiers = Identifiers.from_values(values)
-    description = scrub_text(values.get("series_description") or values.get("protocol_name", ""), identifiers)
-    folders = scrub_dirs(folder, identifiers, key=key) if key else ()
+    text = values.get("series_description") or values.get("protocol_name", "")
+    description, folders = _scrubbed(values, text, folder, key, memo)
     image_type = tuple(v.strip() for v in values.get("image_type", "").split("\\") if v.strip())
     return DicomHeader(
         series_uid=series_uid,
@@ -199,6 +218,24 @@ def _header_from(
         image_type=image_type,
         folders=folders,
     )
+
+
+# Scrubs already made during one chunk's scan: (identifier values, text, folder, key) -> (description, folders).
+Memo = dict[tuple[object, ...], tuple[str, tuple[DirScrub, ...]]]
+
+
+def _scrubbed(
+    values: Mapping[str, str], text: str, folder: str | Sequence[str], key: bytes, memo: Memo | None
+) -> tuple[str, tuple[DirScrub, ...]]:
+    found = tuple(sorted((k, v) for k, v in values.items() if k in IDENTIFIER_KEYS and v))
+    memo_key = (found, text, folder if isinstance(folder, str) else tuple(folder), key)
+    if memo is not None and memo_key in memo:
+        return memo[memo_key]
+    identifiers = Identifiers.from_values(values)
+    scrubbed = scrub_text(text, identifiers), (scrub_dirs(folder, identifiers, key=key) if key else ())
+    if memo is not None:
+        memo[memo_key] = scrubbed
+    return scrubbed
 
 
 def _series_number(raw: str | None) -> int | None:
@@ -235,7 +272,12 @@ def _read(read_prefix: Callable[[int], bytes], want: int) -> bytes | Ignored:
 
 
 def scan_one(
-    read_prefix: Callable[[int], bytes], size: int, *, folder: str | Sequence[str] = "", key: bytes = b""
+    read_prefix: Callable[[int], bytes],
+    size: int,
+    *,
+    folder: str | Sequence[str] = "",
+    key: bytes = b"",
+    memo: Memo | None = None,
 ) -> ScanResult:
     """Read as little of one file as needed to group it. `size` is the file's size from the listing.
 
@@ -256,7 +298,7 @@ def scan_one(
             )
         complete = want >= size
         try:
-            return parse_header(data, complete=complete, folder=folder, key=key)
+            return parse_header(data, complete=complete, folder=folder, key=key, memo=memo)
         except NeedMore:
             if complete:  # pragma: no cover - parse_header never asks for more of a complete file
                 break
@@ -266,11 +308,11 @@ def scan_one(
     return Ignored(IgnoredKind.UNREADABLE, "header longer than 16 MiB")
 
 
-def _scan_ref(source: Source, ref: FileRef, key: bytes) -> ScanResult:
+def _scan_ref(source: Source, ref: FileRef, key: bytes, memo: Memo | None = None) -> ScanResult:
     # No catch-all here: an error nobody classified is a bug or an unmapped network fault, and the scan
     # task must fail (and be retried) rather than silently drop the file from its series.
     folders = [decode_component(c) for c in split(posixpath.dirname(ref.path))]  # names as the source has them
-    return scan_one(lambda n: source.read_prefix(ref, n), ref.size, folder=folders, key=key)
+    return scan_one(lambda n: source.read_prefix(ref, n), ref.size, folder=folders, key=key, memo=memo)
 
 
 class SequentialScanner:
@@ -281,7 +323,8 @@ class SequentialScanner:
         self._key = key
 
     def scan(self, source: Source, refs: Sequence[FileRef]) -> list[ScanResult]:
-        return [_scan_ref(source, ref, self._key) for ref in refs]
+        memo: Memo = {}  # this chunk's scrubs; gone when the scan returns
+        return [_scan_ref(source, ref, self._key, memo) for ref in refs]
 
 
 class ThreadedScanner:
@@ -292,7 +335,8 @@ class ThreadedScanner:
         self._key = key
 
     def scan(self, source: Source, refs: Sequence[FileRef]) -> list[ScanResult]:
+        memo: Memo = {}  # shared by the threads: at worst a scrub is made twice
         if len(refs) <= 1:
-            return [_scan_ref(source, ref, self._key) for ref in refs]
+            return [_scan_ref(source, ref, self._key, memo) for ref in refs]
         with ThreadPoolExecutor(max_workers=min(self._threads, len(refs))) as pool:
-            return list(pool.map(lambda ref: _scan_ref(source, ref, self._key), refs))
+            return list(pool.map(lambda ref: _scan_ref(source, ref, self._key, memo), refs))
