@@ -10,13 +10,12 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from dicomflow import samples
-from tests.support.cli import DICOMFLOW, cli_env, json_result, outputs, run_cli
+from tests.support.cli import DICOMFLOW, cli_env, json_result, outputs, run_cli, wait_for_succeeded
 
 pytestmark = pytest.mark.e2e
 
@@ -65,18 +64,7 @@ def test_kill_9_then_rerun_finishes_with_exact_counters_and_no_duplicates(tmp_pa
         [DICOMFLOW, "convert", str(tmp_path / "dicom"), str(out), "--workers", "2", "--quiet"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    succeeded = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists():
-            with sqlite3.connect(state, timeout=30) as db:
-                try:
-                    succeeded = db.execute("SELECT COUNT(*) FROM items WHERE state = 'succeeded'").fetchone()[0]
-                except sqlite3.OperationalError:
-                    succeeded = 0
-            if succeeded >= 3:
-                break
-        time.sleep(0.05)
+    succeeded = wait_for_succeeded(proc, state, at_least=3)
     assert proc.poll() is None, "the run finished before it could be killed; make the archive larger"
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker processes, mid-series
     proc.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from dicomflow import samples
 from dicomflow.demo import nifti_shape
-from tests.support.cli import DICOMFLOW, cli_env, json_result, run_cli
+from tests.support.cli import DICOMFLOW, cli_env, json_result, run_cli, wait_for_succeeded
 
 pytestmark = pytest.mark.e2e
 
@@ -143,16 +142,7 @@ def test_ctrl_c_exits_130_and_status_then_says_interrupted(tmp_path: Path) -> No
     proc = subprocess.Popen([DICOMFLOW, "convert", str(tmp_path / "dicom"), str(out), "--workers", "2", "--quiet"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None and done < 2:
-        if state.exists():
-            with sqlite3.connect(state, timeout=30) as db:
-                try:
-                    done = db.execute("SELECT COUNT(*) FROM items WHERE state = 'succeeded'").fetchone()[0]
-                except sqlite3.OperationalError:
-                    done = 0
-        time.sleep(0.05)
+    wait_for_succeeded(proc, state, at_least=2)
     assert proc.poll() is None, "the run finished before it could be interrupted; make the archive larger"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
     _, stderr = proc.communicate(timeout=60)

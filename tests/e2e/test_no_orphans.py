@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import pytest
 from dicomflow import devstack, samples
 from tests.conftest import require
 from tests.support import emulators
+from tests.support.cli import wait_for_succeeded
 from tests.support.processes import MARKER_VARIABLE, kill_marked, marked, new_marker, wait_until_gone
 
 pytestmark = pytest.mark.e2e
@@ -36,25 +36,13 @@ def marker() -> Iterator[str]:
     kill_marked(value)  # a failed test leaves nothing behind either
 
 
-def succeeded(state: Path) -> int:
-    if not state.exists():
-        return 0
-    with sqlite3.connect(state, timeout=30) as db:
-        try:
-            return int(db.execute("SELECT COUNT(*) FROM items WHERE state = 'succeeded'").fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
-
-
 def test_sigkill_of_convert_takes_its_worker_processes_with_it(tmp_path: Path, marker: str) -> None:
     samples.make_bench_archive(tmp_path / "dicom", series=16, slices=24, rows=96, cols=96, seed=5)
     out = tmp_path / "nifti"
     env = {**os.environ, "HOME": str(tmp_path), MARKER_VARIABLE: marker}
     proc = subprocess.Popen([DICOMFLOW, "convert", str(tmp_path / "dicom"), str(out), "--workers", "2", "--quiet"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and succeeded(out / ".dicomflow" / "state.sqlite") < 2:
-        time.sleep(0.05)
+    wait_for_succeeded(proc, out / ".dicomflow" / "state.sqlite", at_least=2)
     assert proc.poll() is None, "the run finished before it could be killed; make the archive larger"
     workers = [pid for pid in marked(marker) if pid != proc.pid]
     assert len(workers) >= 2, f"the worker processes were not found: {marked(marker)}"

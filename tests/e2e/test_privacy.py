@@ -152,12 +152,7 @@ def test_no_identifier_leaves_a_local_conversion(tmp_path: Path, layout: str) ->
 
 @pytest.fixture
 def fake() -> Iterator[FakeDrive]:
-    server = FakeDrive(seed=21)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from drive.started(seed=21)
 
 
 def _firestore_documents(project: str) -> dict[str, bytes]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +40,19 @@ def json_result(result: subprocess.CompletedProcess[str]) -> Any:
 
 def outputs(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and ".dicomflow" not in p.parts)
+
+
+def wait_for_succeeded(proc: subprocess.Popen[Any], state: Path, at_least: int, timeout: float = 120) -> int:
+    """Poll a running `dicomflow convert`'s state until `at_least` series succeeded, the process ended, or
+    `timeout` passed; returns the last count read."""
+    deadline = time.monotonic() + timeout
+    succeeded = 0
+    while time.monotonic() < deadline and proc.poll() is None and succeeded < at_least:
+        if state.exists():
+            with sqlite3.connect(state, timeout=30) as db:
+                try:
+                    succeeded = db.execute("SELECT COUNT(*) FROM items WHERE state = 'succeeded'").fetchone()[0]
+                except sqlite3.OperationalError:
+                    succeeded = 0  # the run has not created its tables yet
+        time.sleep(0.05)
+    return succeeded

@@ -43,8 +43,8 @@ def upload_tree(fake: FakeDrive, local_root: Path, parent: str) -> dict[str, str
     return ids
 
 
-def started() -> Iterator[FakeDrive]:
-    fake = FakeDrive(seed=7)
+def started(seed: int = 7) -> Iterator[FakeDrive]:
+    fake = FakeDrive(seed=seed)
     fake.start()
     try:
         yield fake
