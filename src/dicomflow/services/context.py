@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from dicomflow.domain.locations import Location, LocationKind
 from dicomflow.domain.model import Item, ItemState
 from dicomflow.events import Event
 from dicomflow.ports import (
+    Attempt,
     ChangeFeed,
     Converter,
     Deidentifier,
@@ -81,6 +83,19 @@ class Context:
             close = getattr(resource, "close", None)
             if callable(close):
                 close()
+
+    def attempt_owner(self) -> str:
+        """A name for this attempt, unique across processes and hosts: the owner it records on a lease."""
+        return f"{socket.gethostname()}:{os.getpid()}:{self.new_id(4)}"
+
+    def answer_by(self, attempt: Attempt, dispatch_deadline_seconds: float) -> float | None:
+        """When an attempt must stop working to record its outcome and answer before its dispatch deadline
+        (None: no deadline). The margin shrinks to a quarter of a short deadline (a dev stack, a test)
+        rather than eating all of it."""
+        if attempt.deadline_at is None:
+            return None
+        margin = min(float(self.settings.answer_margin_seconds), dispatch_deadline_seconds / 4)
+        return attempt.deadline_at - margin
 
     @property
     def conversion_version(self) -> str:

@@ -19,9 +19,7 @@ What happens on each kind of delivery (DESIGN.md §4 invariants 1 to 4, 7 and 8)
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -155,11 +153,8 @@ class _Budget:
     """Time left before the attempt must answer (from the request's start, not from dcm2niix's)."""
 
     def __init__(self, ctx: Context, attempt: Attempt) -> None:
-        # The margin leaves time to record the outcome and answer; with a short deadline (a dev stack, a
-        # test) it shrinks to a quarter of the deadline rather than eating all of it.
-        margin = min(float(ctx.settings.answer_margin_seconds), ctx.settings.dispatch_deadline_seconds / 4)
         self._ctx = ctx
-        self._until = None if attempt.deadline_at is None else attempt.deadline_at - margin
+        self._until = ctx.answer_by(attempt, ctx.settings.dispatch_deadline_seconds)
 
     def remaining(self, phase: str) -> float | None:
         if self._until is None:
@@ -181,7 +176,7 @@ def convert_series(ctx: Context, payload: ConvertPayload, attempt: Attempt) -> C
             maybe_complete(ctx, batch.batch_id)
         return ConvertResult(Outcome.SKIPPED if changed else Outcome.DUPLICATE, item)
 
-    owner = f"{socket.gethostname()}:{os.getpid()}:{ctx.new_id(4)}"
+    owner = ctx.attempt_owner()
     seconds = ctx.settings.lease_seconds
     item, claimed = ctx.store.update_item(
         payload.batch_id,

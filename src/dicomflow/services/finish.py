@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import suppress
@@ -159,7 +157,7 @@ class _Writer:
 
     @classmethod
     def take(cls, ctx: Context, batch: Batch, attempt: Attempt) -> _Writer:
-        owner = f"{socket.gethostname()}:{os.getpid()}:{ctx.new_id(4)}"
+        owner = ctx.attempt_owner()
         seconds = float(ctx.settings.lease_seconds)
         key = batch.destination.key
         _, taken = ctx.store.update_dataset(key, lambda d: ds.take(d, owner, ctx.clock(), seconds))
@@ -173,8 +171,7 @@ class _Writer:
             _, held = ctx.store.update_dataset(key, lambda d: ds.renew(d, owner, ctx.clock(), seconds))
             return held
 
-        margin = min(float(ctx.settings.answer_margin_seconds), ctx.settings.expand_dispatch_deadline_seconds / 4)
-        until = None if attempt.deadline_at is None else attempt.deadline_at - margin
+        until = ctx.answer_by(attempt, ctx.settings.expand_dispatch_deadline_seconds)
         return cls(ctx, batch, owner, ctx.heartbeat.start(renew, every=max(1.0, seconds / 3)), until)
 
     def confirm(self) -> None:
