@@ -117,9 +117,7 @@ class Dcm2niixConverter:
         exit_code, console, seconds = _execute(
             dcm2niix_args(self._binary, input_dir, output_dir, stem, options), timeout
         )
-        settle_clashing_names(output_dir, console)
-        outputs = tuple(sorted(p for p in output_dir.iterdir() if p.is_file()))
-        return ConverterRun(exit_code=exit_code, outputs=outputs, console=console, seconds=seconds)
+        return ConverterRun(exit_code, _settled_outputs(output_dir, console), console, seconds)
 
     def convert_group(
         self, members: Sequence[GroupInput], scratch: Path, options: ConversionOptions, timeout: float
@@ -148,10 +146,15 @@ class Dcm2niixConverter:
             member.output_dir.mkdir(parents=True, exist_ok=True)
             for old, new in parts.renames:
                 (out / old).rename(member.output_dir / new)
-            settle_clashing_names(member.output_dir, parts.console)
-            outputs = tuple(sorted(p for p in member.output_dir.iterdir() if p.is_file()))
+            outputs = _settled_outputs(member.output_dir, parts.console)
             runs.append(ConverterRun(0, outputs, parts.console, seconds / len(members)))
         return tuple(runs)
+
+
+def _settled_outputs(output_dir: Path, console: str) -> tuple[Path, ...]:
+    """The files a run left in `output_dir`, volumes dcm2niix suffixed on a name clash named by content."""
+    settle_clashing_names(output_dir, console)
+    return tuple(sorted(p for p in output_dir.iterdir() if p.is_file()))
 
 
 @dataclass(frozen=True, slots=True)
